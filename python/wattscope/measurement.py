@@ -1,0 +1,107 @@
+"""Results as data: frozen dataclasses whose field names carry their units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GpuEnergy:
+    """Energy of one GPU over a measurement window.
+
+    ``t_ns``/``power_w`` are the raw readings of ``source`` stamped in the window plus two on each side (a reading
+    covers the interval since the previous one, so the edge readings reach into the window).
+    """
+
+    cuda_index: int | None
+    nvml_index: int
+    name: str
+    uuid: str
+    source: str  # "samples" (buffered ~20 ms stream), "instant", "average" or "energy_counter"
+    energy_j: float
+    mean_power_w: float
+    peak_power_w: float
+    uncertainty_j: float
+    uncertainty_reasons: tuple[str, ...]
+    coverage: float  # share of the window the readings account for, 0..1
+    gaps: int  # holes in the readings inside the window
+    gap_s: float
+    counter_energy_j: float | None  # energy-counter delta over the window: a bookkeeping cross-check
+    sample_period_s: float | None
+    n_samples: int
+    sensor_model: str  # which sensor response the uncertainty used
+    sm_clock_mhz_mean: float | None
+    temperature_c_max: float | None
+    errors: tuple[str, ...]
+    t_ns: np.ndarray = field(repr=False, compare=False)
+    power_w: np.ndarray = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Energy of every measured GPU over [start_ns, stop_ns] (CLOCK_MONOTONIC).
+
+    ``peak_power_w`` is the highest single-GPU reading; ``coverage`` the lowest of the GPUs'; ``uncertainty_j`` the
+    GPUs' uncertainties added in quadrature (their errors are independent).
+    """
+
+    name: str | None
+    start_ns: int
+    stop_ns: int
+    duration_s: float
+    energy_j: float
+    mean_power_w: float
+    peak_power_w: float
+    uncertainty_j: float
+    uncertainty_reasons: tuple[str, ...]
+    coverage: float
+    gaps: int
+    counter_energy_j: float | None
+    gpus: tuple[GpuEnergy, ...]
+    errors: tuple[str, ...]
+
+    def gpu(self, cuda_index: int) -> GpuEnergy:
+        """The per-GPU result for a CUDA index."""
+        for g in self.gpus:
+            if g.cuda_index == cuda_index:
+                return g
+        raise KeyError(f"GPU cuda:{cuda_index} was not measured; measured: {[g.cuda_index for g in self.gpus]}")
+
+    def to_dict(self) -> dict[str, object]:
+        """Flat, unit-bearing keys (``gpu0.energy_j``), for JSON/CSV exports and harnesses."""
+        out: dict[str, object] = {
+            "name": self.name,
+            "start_ns": self.start_ns,
+            "stop_ns": self.stop_ns,
+            "duration_s": self.duration_s,
+            "energy_j": self.energy_j,
+            "mean_power_w": self.mean_power_w,
+            "peak_power_w": self.peak_power_w,
+            "uncertainty_j": self.uncertainty_j,
+            "coverage": self.coverage,
+            "gaps": self.gaps,
+            "counter_energy_j": self.counter_energy_j,
+        }
+        for g in self.gpus:
+            key = f"gpu{g.cuda_index if g.cuda_index is not None else 'nvml' + str(g.nvml_index)}"
+            for name in ("energy_j", "mean_power_w", "peak_power_w", "uncertainty_j", "coverage", "gaps", "source",
+                         "counter_energy_j", "sample_period_s", "n_samples", "uuid", "name"):
+                out[f"{key}.{name}"] = getattr(g, name)
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.name or 'measurement'}: {self.energy_j:.3f} J ± {self.uncertainty_j:.3f} J over "
+            f"{self.duration_s * 1e3:.1f} ms (mean {self.mean_power_w:.1f} W, peak {self.peak_power_w:.1f} W, "
+            f"coverage {self.coverage:.0%})"
+        ]
+        for g in self.gpus:
+            counter = f", counter {g.counter_energy_j:.3f} J" if g.counter_energy_j is not None else ""
+            lines.append(
+                f"  cuda:{g.cuda_index} {g.name}: {g.energy_j:.3f} J ± {g.uncertainty_j:.3f} J "
+                f"[{g.source}, {g.n_samples} samples{counter}]"
+            )
+        lines += [f"  ! {e}" for e in self.errors]
+        return "\n".join(lines)

@@ -1,0 +1,285 @@
+"""PowerMeter: a window over the process-wide sample timeline, turned into a Measurement on demand.
+
+``start``/``stop`` only read the clock and hold/release the shared sampler thread, so they cost microseconds; the
+work (waiting for the sensor samples that cover the window's end, integrating) happens when ``result`` is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from . import _session, energy
+from .devices import DeviceSelector, GpuInfo, resolve
+from .errors import GpuLostError, MeasurementError, nvml_error
+from .measurement import GpuEnergy, Measurement
+from .sensor import default_sensor_model
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Power sources in order of preference (measurement-facts §1): the ~20 ms buffered stream, then the instant field,
+# then the 1 s average, then the energy counter alone.
+SOURCES = ("samples", "instant", "average", "energy_counter")
+_SOURCE_CAVEAT = {
+    "instant": "fallback source 'instant': a field refreshed every ~100 ms that may average only part of that time",
+    "average": "fallback source 'average': a 1 s moving average, lagging short windows by ~0.5 s",
+    "energy_counter": "fallback source 'energy_counter': updates every ~100 ms",
+}
+
+
+_ENERGY_COUNTER_SERIES = 3  # index of the energy counter among the native sampler's series
+
+
+class MeasurementWarning(UserWarning):
+    """A measurement finished but something about it deserves attention (a lost GPU, poor coverage)."""
+
+
+class PowerMeter:
+    """Measure the energy of GPU work.
+
+    ``with PowerMeter() as m: ...`` then ``m.result``; or ``m.start()`` / ``m.stop()``; or decorate a function with a
+    meter (``@m``) to measure every call (``m.results``).
+
+    devices: ``None`` (every GPU visible to CUDA), ``"all"``, a CUDA index, a UUID or bus id, or a list of these.
+    sync_cuda: when torch has initialised CUDA, synchronise the measured GPUs at both edges, so the window holds the
+        GPU work launched inside it rather than the time the host took to queue it.
+    wait_timeout_s: how long ``result`` may wait for the sensor samples that cover the window's end.
+    strict: raise ``GpuLostError`` (with the partial measurement attached) instead of warning when a GPU fails.
+    """
+
+    def __init__(
+        self,
+        devices: DeviceSelector = None,
+        *,
+        name: str | None = None,
+        sync_cuda: bool = True,
+        wait_timeout_s: float = 1.0,
+        strict: bool = False,
+    ) -> None:
+        if wait_timeout_s < 0 or not math.isfinite(wait_timeout_s):
+            raise ValueError(f"wait_timeout_s must be a non-negative number of seconds, got {wait_timeout_s!r}")
+        self.devices = devices
+        self.name = name
+        self.sync_cuda = sync_cuda
+        self.wait_timeout_s = wait_timeout_s
+        self.strict = strict
+        self._gpus: list[GpuInfo] | None = None
+        self._slots: list[int] = []
+        self._session: _session.Session | None = None
+        self._start_ns: int | None = None
+        self._stop_ns: int | None = None
+        self._result: Measurement | None = None
+        self._calls: list[PowerMeter] = []
+        self._calls_lock = threading.Lock()
+
+    # -- the window -------------------------------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        session = _session.current()
+        if self._session is not session:
+            # First use, or first use in a forked child: resolve against this process's NVML.
+            self._gpus = resolve(session.nvml(), self.devices)
+            self._slots = [session.slot(g.nvml_index) for g in self._gpus]
+            self._session = session
+
+    def start(self) -> PowerMeter:
+        """Open the window. Raises MeasurementError if it is already open."""
+        if self._start_ns is not None and self._stop_ns is None:
+            raise MeasurementError("PowerMeter.start() called twice without stop(); use one meter per window")
+        self._bind()
+        assert self._session is not None and self._gpus is not None
+        self._session.sampler().acquire()
+        self._sync()
+        self._result = None
+        self._stop_ns = None
+        self._start_ns = _session.core().mono_ns()
+        return self
+
+    def stop(self) -> PowerMeter:
+        """Close the window. Cheap: the result is computed when ``result`` is first read."""
+        if self._start_ns is None or self._stop_ns is not None:
+            raise MeasurementError("PowerMeter.stop() called without a matching start()")
+        self._sync()
+        self._stop_ns = _session.core().mono_ns()
+        assert self._session is not None
+        if self._session.pid == os.getpid():
+            self._session.sampler().release()
+        return self
+
+    def __enter__(self) -> PowerMeter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __call__(self, fn: F) -> F:
+        """Use the meter as a decorator: every call is measured by its own window, collected in ``results``."""
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            child = PowerMeter(self.devices, name=self.name or fn.__qualname__, sync_cuda=self.sync_cuda,
+                               wait_timeout_s=self.wait_timeout_s, strict=self.strict)
+            child._gpus, child._slots, child._session = self._gpus, self._slots, self._session
+            with child:
+                out = fn(*args, **kwargs)
+            with self._calls_lock:
+                self._calls.append(child)
+            return out
+
+        return wrapper  # type: ignore[return-value]
+
+    @property
+    def running(self) -> bool:
+        return self._start_ns is not None and self._stop_ns is None
+
+    @property
+    def results(self) -> list[Measurement]:
+        """One Measurement per decorated call, in call order."""
+        with self._calls_lock:
+            calls = list(self._calls)
+        return [c.result for c in calls]
+
+    @property
+    def result(self) -> Measurement:
+        """The Measurement of the window (for a decorator: of the last call)."""
+        if self._start_ns is None:
+            with self._calls_lock:
+                if self._calls:
+                    return self._calls[-1].result
+            raise MeasurementError("nothing measured yet: use `with PowerMeter() as m:` or start()/stop() first")
+        if self._stop_ns is None:
+            raise MeasurementError("the meter is still running: read result after the with-block or stop()")
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+    # -- internals --------------------------------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        if not self.sync_cuda:
+            return
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_initialized():
+            return
+        for g in self._gpus or ():
+            if g.cuda_index is not None:
+                torch.cuda.synchronize(g.cuda_index)
+
+    def _finish(self) -> Measurement:
+        session = self._session
+        assert session is not None and self._gpus is not None
+        assert self._start_ns is not None and self._stop_ns is not None
+        if session.pid != os.getpid():
+            raise MeasurementError(
+                "this window was opened in the parent process before fork(); measure inside the child with a new "
+                "PowerMeter"
+            )
+        start_ns, stop_ns = self._start_ns, self._stop_ns
+        sampler = session.sampler()
+        # The reading that covers the window's end is stamped after it (and the next one too, which the uncertainty
+        # uses): wait for them rather than extrapolating.
+        timeout_ns = int(self.wait_timeout_s * 1e9)
+        covered = sampler.wait_covered(stop_ns + 25_000_000, timeout_ns)
+        # The energy-counter cross-check needs a counter reading after the end too (polled every ~100 ms).
+        sampler.wait_covered(stop_ns, timeout_ns, _ENERGY_COUNTER_SERIES)
+        failures = sampler.failures()
+        gpus = tuple(
+            _gpu_energy(g, sampler.snapshot(slot, start_ns, stop_ns), start_ns, stop_ns,
+                        [f for f in failures if f["slot"] == slot and f["t_ns"] >= start_ns - 1_000_000_000])
+            for g, slot in zip(self._gpus, self._slots)
+        )
+        errors = tuple(e for g in gpus for e in g.errors)
+        if not covered and not errors:
+            errors += (f"the sensor readings covering the window's end did not arrive within {self.wait_timeout_s} s",)
+        m = _combine(self.name, start_ns, stop_ns, gpus, errors)
+        if errors:
+            if self.strict:
+                err = GpuLostError("; ".join(errors))
+                err.measurement = m  # type: ignore[attr-defined]
+                raise err
+            warnings.warn("; ".join(errors), MeasurementWarning, stacklevel=3)
+        return m
+
+
+def _gpu_energy(gpu: GpuInfo, snap: dict, start_ns: int, stop_ns: int, failures: list[dict]) -> GpuEnergy:
+    source = next((s for s in SOURCES if snap[s]["supported"] and len(snap[s]["t_ns"]) > 0), None)
+    errors = tuple(str(nvml_error(f["call"], f["code"], f["message"])) for f in failures)
+    if snap["lost"] and not errors:
+        errors = ("the GPU stopped answering NVML during the measurement",)
+    sensor = default_sensor_model(gpu.name)
+    counter = snap["energy_counter"]
+    counter_j = energy.counter_delta_j(counter["t_ns"], counter["value"], start_ns, stop_ns) if len(
+        counter["t_ns"]) else None
+    clock = snap["sm_clock"]["value"]
+    temp = snap["temperature"]["value"]
+    common = dict(
+        cuda_index=gpu.cuda_index, nvml_index=gpu.nvml_index, name=gpu.name, uuid=gpu.uuid,
+        counter_energy_j=counter_j, sensor_model=sensor.origin,
+        sm_clock_mhz_mean=float(np.mean(clock)) if len(clock) else None,
+        temperature_c_max=float(np.max(temp)) if len(temp) else None,
+    )
+    duration_s = (stop_ns - start_ns) / 1e9
+    if source is None:
+        raise MeasurementError(
+            f"no power readings cover the window on GPU {gpu.name} ({gpu.uuid})"
+            + (": " + "; ".join(errors) if errors else "")
+        )
+    if source == "energy_counter":
+        e = counter_j if counter_j is not None else math.nan
+        return GpuEnergy(
+            **common, source=source, energy_j=e, mean_power_w=e / duration_s if duration_s > 0 else math.nan,
+            peak_power_w=math.nan, uncertainty_j=math.nan, uncertainty_reasons=(_SOURCE_CAVEAT[source],),
+            coverage=1.0 if counter_j is not None else 0.0, gaps=0, gap_s=0.0, sample_period_s=None,
+            n_samples=len(counter["t_ns"]), errors=errors, t_ns=counter["t_ns"],
+            power_w=np.zeros(len(counter["t_ns"])),
+        )
+    series = snap[source]
+    t_ns = series["t_ns"]
+    power_w = series["value"] / 1000.0
+    period_ns = snap["sample_period_ns"] if source == "samples" and snap["sample_period_ns"] > 0 else None
+    we = energy.integrate_window(t_ns, power_w, start_ns, stop_ns, period_ns=period_ns,
+                                 sensor_tau_ns=sensor.tau_ns if source == "samples" else 0)
+    reasons = we.uncertainty_reasons
+    sensor_period_ns = period_ns or 20_000_000
+    if stop_ns - start_ns < 2 * sensor_period_ns and not any("shorter than" in r for r in reasons):
+        # Said even when the readings happen to be flat: such a window cannot show what happened inside it.
+        reasons += (f"window shorter than 2 sensor periods ({(stop_ns - start_ns) / 1e6:.1f} ms < "
+                    f"{2 * sensor_period_ns / 1e6:.1f} ms)",)
+    if source != "samples":
+        reasons = (_SOURCE_CAVEAT[source],) + reasons
+    elif sensor.tau_ns == 0:
+        reasons = reasons + (sensor.origin,)
+    gap_s = float(np.sum(we.gaps_ns[:, 1] - we.gaps_ns[:, 0]) / 1e9) if len(we.gaps_ns) else 0.0
+    return GpuEnergy(
+        **common, source=source, energy_j=we.energy_j, mean_power_w=we.mean_power_w, peak_power_w=we.peak_power_w,
+        uncertainty_j=we.uncertainty_j, uncertainty_reasons=reasons, coverage=we.coverage, gaps=len(we.gaps_ns),
+        gap_s=gap_s, sample_period_s=(period_ns / 1e9) if period_ns else None, n_samples=we.n_samples,
+        errors=errors, t_ns=t_ns, power_w=power_w,
+    )
+
+
+def _combine(name: str | None, start_ns: int, stop_ns: int, gpus: tuple[GpuEnergy, ...],
+             errors: tuple[str, ...]) -> Measurement:
+    duration_s = (stop_ns - start_ns) / 1e9
+    energy_j = float(sum(g.energy_j for g in gpus))
+    counters = [g.counter_energy_j for g in gpus]
+    reasons = tuple(f"cuda:{g.cuda_index}: {r}" if len(gpus) > 1 else r for g in gpus for r in g.uncertainty_reasons)
+    return Measurement(
+        name=name, start_ns=start_ns, stop_ns=stop_ns, duration_s=duration_s, energy_j=energy_j,
+        mean_power_w=energy_j / duration_s if duration_s > 0 else math.nan,
+        peak_power_w=max((g.peak_power_w for g in gpus if not math.isnan(g.peak_power_w)), default=math.nan),
+        uncertainty_j=float(math.sqrt(sum(g.uncertainty_j**2 for g in gpus))),
+        uncertainty_reasons=reasons, coverage=float(min((g.coverage for g in gpus), default=0.0)),
+        gaps=sum(g.gaps for g in gpus),
+        counter_energy_j=float(sum(c for c in counters if c is not None)) if all(c is not None for c in counters)
+        else None,
+        gpus=gpus, errors=errors,
+    )

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _has_real_gpu() -> bool:
+    if os.environ.get("WATTSCOPE_NVML_PATH"):
+        return False
+    try:
+        from wattscope import _core
+
+        return _core.Nvml("").device_count() > 0
+    except Exception:
+        return False
+
+
+HAS_GPU = _has_real_gpu()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU and driver")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch):
+    """The fake NVML with one device, behind wattscope's real dlopen path, and a fresh session."""
+    from wattscope import _session
+    from wattscope.testing import FakeNvml
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake = FakeNvml.install(1, linger_ns=500_000_000)
+    yield fake
+    _session.reset()
+    fake.reset(1)

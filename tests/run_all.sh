@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine (no GPU needed): installs what it needs into a venv, runs the native
+# tests under sanitizers, then pytest (GPU tests are skipped where there is no GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=build/test-venv
+python3 -m venv "$venv"
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+python -m pip install -q --upgrade pip
+python -m pip install -q ".[test]"
+if [ -f tests/native.sh ]; then
+  bash tests/native.sh
+fi
+cd tests/..
+python -m pytest -q -p no:cacheprovider tests
