@@ -33,13 +33,12 @@ treated as independent and added in quadrature:
   whose size is at most ``min(o, L - o) * range(p)``. The range of the true power inside the interval is
   unknown; the spread between the edge sample and its neighbour on the far side of the edge stands in for it,
   halved for a one-sigma-like value: ``min(o, L - o) * spread / 2``. (Using ``min(o, L - o)`` rather than ``o``
-  makes the term vanish, as the true error does, when the edge approaches either end of the interval.)
+  makes the term vanish, as the true error does, when the edge approaches either end of the interval.) Where
+  the edge sample has no neighbour outside the window (the trace ends there), the one inside stands in.
 * Short windows. Below two sensor periods the window cannot be aligned to the sensor reliably (stamps lag the
   true power by a few ms and the sensor smooths over ~tau), so each edge term is raised to at least
   ``0.5 * period * spread`` (edge sample: the first/last sample overlapping the window, even when the edge
   sits on its stamp) and the reason ``"window shorter than 2 sensor periods (X ms < Y ms)"`` is listed.
-
-  Where the edge sample has no neighbour outside the window (trace ends), the neighbour inside stands in.
 * Gap term. If power stayed between the neighbours ``p1`` and ``p2`` during a gap, filling ``g`` ns of it
   with their mean is off by at most ``g * |p1 - p2| / 2``; each gap's term is that value. Before the first or
   after the last sample nothing bounds the power; ``time * |p| / 2`` says "anywhere between 0 and twice the

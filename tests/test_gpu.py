@@ -1,0 +1,55 @@
+"""On a real NVIDIA GPU (skipped elsewhere)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import wattscope
+from wattscope import PowerMeter, _session
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def real_nvml(monkeypatch):
+    monkeypatch.delenv("WATTSCOPE_NVML_PATH", raising=False)
+    _session.reset()
+    yield
+    _session.reset()
+
+
+def test_buffered_samples_are_the_source_and_arrive_at_the_sensor_rate():
+    with PowerMeter(0) as m:
+        time.sleep(2.0)
+    g = m.result.gpus[0]
+    assert g.source == "samples"
+    assert 0.005 < g.sample_period_s < 0.2
+    assert g.gaps == 0 and m.result.coverage > 0.99
+    assert g.energy_j > 0 and g.counter_energy_j is not None
+
+
+def test_load_draws_more_than_idle_and_counter_agrees():
+    torch = pytest.importorskip("torch")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    with PowerMeter(0) as idle:
+        time.sleep(1.0)
+    with PowerMeter(0) as busy:
+        t_end = time.monotonic() + 3.0
+        while time.monotonic() < t_end:
+            for _ in range(20):
+                a @ a
+            torch.cuda.synchronize()
+    assert busy.result.mean_power_w > idle.result.mean_power_w * 1.3
+    b = busy.result.gpus[0]
+    assert b.counter_energy_j == pytest.approx(b.energy_j, rel=0.03)
+
+
+def test_cuda_index_maps_to_torch_uuid():
+    torch = pytest.importorskip("torch")
+    torch.cuda.init()
+    gpu = wattscope.list_gpus()
+    uuid0 = "gpu-" + str(torch.cuda.get_device_properties(0).uuid).lower()
+    assert [g.uuid.lower() for g in gpu if g.cuda_index == 0] == [uuid0]
