@@ -35,7 +35,16 @@ def fake(monkeypatch: pytest.MonkeyPatch):
     from wattscope.testing import FakeNvml
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    fake = FakeNvml.install(1, linger_ns=500_000_000)
+    _ignore_torch_devices(monkeypatch)
+    fake = FakeNvml.install(1, linger_ns=500_000_000, energy_period_ns=100_000_000)
     yield fake
     _session.reset()
     fake.reset(1)
+
+
+def _ignore_torch_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU host torch may have initialised CUDA in an earlier test: its real UUIDs must not decide the CUDA
+    # order of the fake GPUs.
+    from wattscope import devices
+
+    monkeypatch.setattr(devices, "_torch_uuids", lambda: None)

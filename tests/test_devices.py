@@ -9,11 +9,14 @@ from wattscope import PowerMeter, _session
 from wattscope.devices import resolve
 from wattscope.testing import FakeNvml
 
+from conftest import _ignore_torch_devices
+
 
 @pytest.fixture
 def fake4(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    _ignore_torch_devices(monkeypatch)
     fake = FakeNvml.install(4)
     yield fake
     _session.reset()

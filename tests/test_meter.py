@@ -12,6 +12,8 @@ import pytest
 import wattscope
 from wattscope import MeasurementError, MeasurementWarning, PowerMeter
 
+from conftest import _ignore_torch_devices
+
 
 def _truth(fake, r, dev=0):
     return fake.energy_j(dev, r.start_ns, r.stop_ns)
@@ -95,7 +97,7 @@ def test_short_window_says_so(fake):
 
 def test_gaps_are_detected_and_reported(fake):
     # A ring of 3 samples (60 ms) drained every 250 ms loses most samples: the gaps must be reported, not hidden.
-    wattscope.configure_sampler(drain_period_ns=250_000_000, linger_ns=500_000_000)
+    wattscope.configure_sampler(drain_period_ns=250_000_000, linger_ns=500_000_000, energy_period_ns=100_000_000)
     fake.set_ring_size(0, 3)
     fake.set_trace(0, [0.0, 0.11], [300.0, 500.0], repeat_period_s=0.23)
     with PowerMeter(0) as m:
@@ -123,7 +125,7 @@ def test_no_gaps_at_default_cadence(fake):
 def test_unsupported_sources_fall_back(fake, unsupported, expected):
     for source in unsupported:
         fake.set_supported(0, source, False)
-    wattscope.configure_sampler(linger_ns=500_000_000)
+    wattscope.configure_sampler(linger_ns=500_000_000, energy_period_ns=100_000_000)
     fake.set_trace(0, [0.0], [180.0])
     with PowerMeter(0) as m:
         time.sleep(0.5)
@@ -255,6 +257,7 @@ def test_two_gpus_each_integrated(monkeypatch):
     from wattscope.testing import FakeNvml
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _ignore_torch_devices(monkeypatch)
     fake = FakeNvml.install(2, linger_ns=500_000_000)
     try:
         fake.set_trace(0, [0.0, 0.1], [100.0, 600.0], repeat_period_s=0.3)
