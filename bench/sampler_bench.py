@@ -30,7 +30,7 @@ def main(seconds: float) -> None:
           f"(=> {1000 / np.median(spacing_ms):.2f}/s), p1 {np.percentile(spacing_ms, 1):.1f} ms, "
           f"p99 {np.percentile(spacing_ms, 99):.1f} ms, max {spacing_ms.max():.1f} ms")
     print(f"gaps: {r.gaps}; coverage {r.coverage:.4f}; missed deadlines {st['missed_deadlines']}")
-    print(f"sampler thread CPU: {cpu_pct:.3f} % of one core (energy counter polled at 10 Hz)")
+    print(f"sampler thread CPU: {cpu_pct:.3f} % of one core (default cadences)")
 
 
 if __name__ == "__main__":

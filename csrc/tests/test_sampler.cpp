@@ -179,6 +179,19 @@ void set_constant_w(unsigned int dev, double watts) {
   fake.set_trace(dev, t_s, power_w, 1, 0.0, 0);
 }
 
+// The cadences the assertions below assume, pinned so that a change of a default does not silently change what a
+// test exercises (test_no_gaps_at_default_cadence alone uses the defaults, on purpose).
+SamplerConfig pinned_config() {
+  SamplerConfig cfg;
+  cfg.drain_period_ns = 50 * kMs;
+  cfg.instant_period_ns = 20 * kMs;
+  cfg.average_period_ns = 100 * kMs;
+  cfg.energy_period_ns = 100 * kMs;
+  cfg.telemetry_period_ns = 500 * kMs;
+  cfg.offset_period_ns = 1000 * kMs;
+  return cfg;
+}
+
 DeviceSnapshot snapshot_all(const Sampler& s, int slot) { return s.snapshot(slot, INT64_MIN, INT64_MAX); }
 
 // Runs f and returns the NvmlError code it threw, -1 if it returned, -2 for another exception.
@@ -277,7 +290,7 @@ void test_missing_library_code_12() {
 void test_add_device_errors() {
   fake.reset(3);
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   CHECK_EQ(s.add_device(0), 0);
   CHECK_EQ(s.add_device(0), 0);  // same NVML index, same slot
   CHECK_EQ(s.device_count(), 1);
@@ -305,7 +318,7 @@ void test_samples_constant_power() {
   set_constant_w(0, 250.0);
   const int64_t origin_ns = fake.origin_mono_ns(0);
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   const int slot = s.add_device(0);
   const int64_t t0 = mono_now_ns();
   s.acquire();
@@ -360,7 +373,7 @@ void test_samples_integrate_square_wave() {
   const double power_w[] = {300.0, 100.0};
   fake.set_trace(0, t_s, power_w, 2, 0.1, 0);
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   const int slot = s.add_device(0);
   s.acquire();
   sleep_ms(400);
@@ -410,7 +423,7 @@ void test_no_gaps_at_default_cadence() {
 void test_gaps_when_ring_overruns() {
   fake.reset(1);
   fake.set_ring_size(0, 3);  // the driver keeps 60 ms ...
-  SamplerConfig cfg;
+  SamplerConfig cfg = pinned_config();
   cfg.drain_period_ns = 250 * kMs;  // ... and is drained every 250 ms: ~190 ms lost each time
   auto lib = open_fake();
   Sampler s(lib, cfg);
@@ -441,7 +454,7 @@ void test_samples_not_supported_uses_instant() {
   set_constant_w(0, 250.0);
   fake.set_supported(0, FAKE_NVML_SOURCE_SAMPLES, 0);
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   const int slot = s.add_device(0);
   s.acquire();
   sleep_ms(400);
@@ -460,7 +473,7 @@ void test_samples_not_supported_uses_instant() {
 void test_samples_become_unsupported_mid_run() {
   fake.reset(1);
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   const int slot = s.add_device(0);
   s.acquire();
   sleep_ms(200);
@@ -486,7 +499,7 @@ void test_gpu_lost_mid_run() {
   set_constant_w(0, 250.0);
   set_constant_w(1, 150.0);
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   const int slot0 = s.add_device(0);
   const int slot1 = s.add_device(1);
   s.acquire();
@@ -536,7 +549,7 @@ void test_gpu_lost_mid_run() {
 
 void test_stop_wakes_thread_at_once() {
   fake.reset(1);
-  SamplerConfig cfg;
+  SamplerConfig cfg = pinned_config();
   cfg.drain_period_ns = cfg.instant_period_ns = cfg.average_period_ns = cfg.energy_period_ns =
       cfg.telemetry_period_ns = cfg.offset_period_ns = 10'000 * kMs;
   auto lib = open_fake();
@@ -562,7 +575,7 @@ void test_stop_wakes_thread_at_once() {
 
 void test_linger_then_acquire_restarts() {
   fake.reset(1);
-  SamplerConfig cfg;
+  SamplerConfig cfg = pinned_config();
   cfg.linger_ns = 100 * kMs;
   auto lib = open_fake();
   Sampler s(lib, cfg);
@@ -602,7 +615,7 @@ void test_linger_then_acquire_restarts() {
 void test_wait_covered_true_promptly() {
   fake.reset(1);
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   s.add_device(0);
   // Not acquired: wait_covered holds the thread itself while it waits.
   const int64_t t = mono_now_ns();
@@ -618,7 +631,7 @@ void test_wait_covered_false_at_timeout() {
   fake.reset(2);
   fake.set_ring_size(1, 0);  // GPU 1 supports buffered samples but its ring stays empty
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   s.add_device(0);
   const int slot1 = s.add_device(1);
   CHECK_EQ(s.snapshot(slot1, INT64_MIN, INT64_MAX).supported_mask & 1u, 1u);
@@ -641,7 +654,7 @@ void test_concurrent_snapshots() {
   set_constant_w(0, 250.0);
   set_constant_w(1, 150.0);
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   s.add_device(0);
   s.add_device(1);
   s.acquire();
@@ -682,7 +695,7 @@ void test_concurrent_snapshots() {
 void test_destroy_running_sampler_joins() {
   fake.reset(1);
   auto lib = open_fake();
-  auto s = std::make_unique<Sampler>(lib, SamplerConfig{});
+  auto s = std::make_unique<Sampler>(lib, pinned_config());
   s->add_device(0);
   s->acquire();  // never released: the destructor must stop it anyway
   sleep_ms(100);
@@ -699,7 +712,7 @@ void test_destroy_running_sampler_joins() {
 void test_slow_energy_counter_does_not_block_snapshot() {
   fake.reset(1);
   auto lib = open_fake();
-  Sampler s(lib, SamplerConfig{});
+  Sampler s(lib, pinned_config());
   const int slot = s.add_device(0);
   fake.set_delay_us("nvmlDeviceGetTotalEnergyConsumption", 20000);  // 20 ms per counter read
   s.acquire();
@@ -732,7 +745,7 @@ void test_slow_energy_counter_does_not_block_snapshot() {
 void test_fork_child_destroys_its_copy() {
   fake.reset(1);
   auto lib = open_fake();
-  auto s = std::make_unique<Sampler>(lib, SamplerConfig{});
+  auto s = std::make_unique<Sampler>(lib, pinned_config());
   const int slot = s->add_device(0);
   s->acquire();
   sleep_ms(100);
@@ -781,7 +794,7 @@ void test_fork_child_destroys_its_copy() {
 
 void test_bounded_capacity() {
   fake.reset(1);
-  SamplerConfig cfg;
+  SamplerConfig cfg = pinned_config();
   cfg.capacity = 10;
   auto lib = open_fake();
   Sampler s(lib, cfg);

@@ -169,8 +169,10 @@ class PowerMeter:
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_initialized():
             return
+        n_cuda = torch.cuda.device_count()
         for g in self._gpus or ():
-            if g.cuda_index is not None:
+            # An index torch does not know (another NVML, a GPU hidden from this process) has nothing to sync.
+            if g.cuda_index is not None and g.cuda_index < n_cuda:
                 torch.cuda.synchronize(g.cuda_index)
 
     def _finish(self) -> Measurement:
