@@ -288,7 +288,7 @@ void test_missing_library_code_12() {
 }
 
 void test_add_device_errors() {
-  fake.reset(3);
+  fake.reset(4);
   auto lib = open_fake();
   Sampler s(lib, pinned_config());
   CHECK_EQ(s.add_device(0), 0);
@@ -299,9 +299,11 @@ void test_add_device_errors() {
                      FAKE_NVML_SOURCE_ENERGY})
     fake.set_supported(1, source, 0);
   CHECK_EQ(nvml_error_code([&] { s.add_device(1); }), 3);
-  // A lost GPU cannot be added.
+  // A lost GPU cannot be added: whether its handle lookup or a probe of a source says so.
   fake.fail("*", 2, 0, 15);
   CHECK_EQ(nvml_error_code([&] { s.add_device(2); }), 15);
+  fake.fail("nvmlDeviceGetSamples", 3, 0, 15);
+  CHECK_EQ(nvml_error_code([&] { s.add_device(3); }), 15);
   CHECK_EQ(s.device_count(), 1);
   try {
     s.snapshot(5, 0, 1);
@@ -441,6 +443,7 @@ void test_gaps_when_ring_overruns() {
   // Gap edges are the stamps of the samples on either side.
   const auto& t = snap.series[kSamples].t_ns;
   for (std::size_t i = 0; i < snap.gap_from_ns.size(); ++i) {
+    // The start is converted at a later drain than its sample, with a possibly re-measured realtime offset.
     CHECK_LE(distance_to_nearest_ns(t, snap.gap_from_ns[i]), static_cast<int64_t>(10'000));
     CHECK_EQ(distance_to_nearest_ns(t, snap.gap_to_ns[i]), static_cast<int64_t>(0));
   }
@@ -609,6 +612,23 @@ void test_linger_then_acquire_restarts() {
   CHECK(after.gap_from_ns.empty());
   CHECK(strictly_increasing(after.series[kSamples].t_ns));
   CHECK_LE(max_spacing_error_ns(after.series[kSamples].t_ns, kSamplePeriodNs), static_cast<int64_t>(2000));
+
+  // Stopped for longer than the driver ring holds (5 × 20 ms here): the restart reports the hole as one gap, from
+  // the last sample before the stop to the oldest one the ring still had.
+  s.release();
+  CHECK(wait_until_true([&] { return !s.stats().running; }, 1000));
+  fake.set_ring_size(0, 5);
+  const DeviceSnapshot stopped = snapshot_all(s, slot);
+  sleep_ms(300);
+  s.acquire();
+  CHECK(s.wait_covered(mono_now_ns(), 1000 * kMs));
+  const DeviceSnapshot overran = snapshot_all(s, slot);
+  CHECK_EQ(overran.gap_from_ns.size(), static_cast<std::size_t>(1));
+  if (overran.gap_from_ns.size() == 1 && !stopped.series[kSamples].t_ns.empty()) {
+    // Equal up to the re-measured realtime offset (the two stamps are converted at different drains).
+    CHECK_LE(abs_ns(overran.gap_from_ns[0] - stopped.series[kSamples].t_ns.back()), static_cast<int64_t>(10'000));
+    CHECK_GT(overran.gap_to_ns[0] - overran.gap_from_ns[0], 200 * kMs);
+  }
   s.release();
 }
 
