@@ -113,6 +113,7 @@ struct Sampler::Impl {
   bool running = false;
   bool stop_requested = false;
   bool drain_requested = false;
+  bool energy_requested = false;  // a result waits for a counter reading after its window
   int holds = 0;
   int64_t last_release_ns = 0;
   std::vector<std::shared_ptr<DeviceState>> devices;
@@ -259,17 +260,16 @@ void Sampler::Impl::run_task(int task, DeviceState& dev, int64_t offset_ns) {
       return;
     }
     case kTelemetry: {
-      if (!dev.has(Series::kSmClockMhz)) return;
       unsigned int mhz = 0;
       unsigned int celsius = 0;
-      nvmlReturn_t rc_clock;
+      nvmlReturn_t rc_clock = NVML_ERROR_NOT_SUPPORTED;
       nvmlReturn_t rc_temp = NVML_ERROR_NOT_SUPPORTED;
       int64_t t_ns;
       {
         std::lock_guard<std::mutex> call_lk(g_nvml_call_mu);
         t_ns = mono_now_ns();
-        rc_clock = sym.clock_info(dev.handle, NVML_CLOCK_SM, &mhz);
-        if (sym.temperature != nullptr) rc_temp = sym.temperature(dev.handle, NVML_TEMPERATURE_GPU, &celsius);
+        if (dev.has(Series::kSmClockMhz)) rc_clock = sym.clock_info(dev.handle, NVML_CLOCK_SM, &mhz);
+        if (dev.has(Series::kTemperatureC)) rc_temp = sym.temperature(dev.handle, NVML_TEMPERATURE_GPU, &celsius);
       }
       if (rc_clock == NVML_SUCCESS) push(dev, Series::kSmClockMhz, t_ns, mhz);
       else if (!nvml_code_is_soft(rc_clock)) record_failure(&dev, "nvmlDeviceGetClockInfo", rc_clock);
@@ -304,7 +304,9 @@ void Sampler::Impl::run() {
     const int64_t now_ns = mono_now_ns();
     if (holds == 0 && now_ns - last_release_ns > config.linger_ns) break;
     const bool drain_now = drain_requested;
+    const bool energy_now = energy_requested;
     drain_requested = false;
+    energy_requested = false;
     std::vector<std::shared_ptr<DeviceState>> polled;
     for (const auto& dev : devices)
       if (!dev->lost) polled.push_back(dev);
@@ -312,7 +314,7 @@ void Sampler::Impl::run() {
 
     for (int task = 0; task < kTaskCount; ++task) {
       if (!enabled[task]) continue;
-      const bool due = now_ns >= due_ns[task] || (task == kDrain && drain_now);
+      const bool due = now_ns >= due_ns[task] || (task == kDrain && drain_now) || (task == kEnergy && energy_now);
       if (!due) continue;
       if (task == kOffset) {
         const RealtimeOffset fresh = measure_realtime_offset();
@@ -452,6 +454,11 @@ int Sampler::add_device(unsigned int nvml_index) {
     const nvmlReturn_t rc = sym.clock_info(h, NVML_CLOCK_SM, &mhz);
     if (rc == NVML_SUCCESS) supported |= 1u << static_cast<int>(Series::kSmClockMhz);
   }
+  if (sym.temperature != nullptr) {
+    unsigned int celsius = 0;
+    if (sym.temperature(h, NVML_TEMPERATURE_GPU, &celsius) == NVML_SUCCESS)
+      supported |= 1u << static_cast<int>(Series::kTemperatureC);
+  }
   if ((supported & ((1u << kPowerSourceCount) - 1)) == 0) {
     throw NvmlError("probe", NVML_ERROR_NOT_SUPPORTED,
                     "GPU " + std::to_string(nvml_index) +
@@ -477,8 +484,10 @@ int Sampler::device_count() const {
 
 void Sampler::acquire() {
   check_owner();
-  std::lock_guard<std::mutex> lk(impl_->mu);
+  std::unique_lock<std::mutex> lk(impl_->mu);
   ++impl_->holds;
+  // A stop() in progress: let its thread end before starting another (two threads would share per-device state).
+  impl_->data_cv.wait(lk, [this] { return !(impl_->running && impl_->stop_requested); });
   impl_->start_locked();
 }
 
@@ -516,6 +525,7 @@ bool Sampler::wait_covered(int64_t t_ns, int64_t timeout_ns, int series) {
   {
     std::unique_lock<std::mutex> lk(impl_->mu);
     impl_->drain_requested = true;
+    if (series == static_cast<int>(Series::kEnergyMj)) impl_->energy_requested = true;
     impl_->wake_cv.notify_all();
     covered = impl_->data_cv.wait_until(lk, to_steady(deadline_ns), [&] { return impl_->covered_locked(t_ns, series); });
   }
