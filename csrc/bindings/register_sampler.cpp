@@ -70,8 +70,18 @@ void register_sampler(py::module_& m) {
       .def("release", &Sampler::release)
       .def("stop", &Sampler::stop, py::call_guard<py::gil_scoped_release>())
       .def("request_drain", &Sampler::request_drain)
-      .def("wait_covered", &Sampler::wait_covered, py::arg("t_ns"), py::arg("timeout_ns"), py::arg("series") = -1,
-           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "wait_covered",
+          [](Sampler& s, int64_t t_ns, int64_t timeout_ns, const std::string& series) {
+            // By name, so Python never repeats the native enum's numbering; "" = each device's best power source.
+            int index = -1;
+            for (int i = 0; i < kSeriesCount && !series.empty(); ++i)
+              if (series == series_name(static_cast<Series>(i))) index = i;
+            if (!series.empty() && index < 0) throw py::value_error("unknown series: " + series);
+            py::gil_scoped_release nogil;
+            return s.wait_covered(t_ns, timeout_ns, index);
+          },
+          py::arg("t_ns"), py::arg("timeout_ns"), py::arg("series") = "")
       .def(
           "snapshot",
           [](const Sampler& s, int slot, int64_t from_ns, int64_t to_ns) {

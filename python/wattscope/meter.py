@@ -35,9 +35,6 @@ _SOURCE_CAVEAT = {
 }
 
 
-_ENERGY_COUNTER_SERIES = 3  # index of the energy counter among the native sampler's series
-
-
 class MeasurementWarning(UserWarning):
     """A measurement finished but something about it deserves attention (a lost GPU, poor coverage)."""
 
@@ -125,6 +122,7 @@ class PowerMeter:
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self._bind()  # resolve the devices once here, not in every call's window
             child = PowerMeter(self.devices, name=self.name or fn.__qualname__, sync_cuda=self.sync_cuda,
                                wait_timeout_s=self.wait_timeout_s, strict=self.strict)
             child._gpus, child._slots, child._session = self._gpus, self._slots, self._session
@@ -191,7 +189,7 @@ class PowerMeter:
         timeout_ns = int(self.wait_timeout_s * 1e9)
         covered = sampler.wait_covered(stop_ns + 25_000_000, timeout_ns)
         # The energy-counter cross-check needs a counter reading after the end too (polled every ~100 ms).
-        sampler.wait_covered(stop_ns, timeout_ns, _ENERGY_COUNTER_SERIES)
+        sampler.wait_covered(stop_ns, timeout_ns, "energy_counter")
         failures = sampler.failures()
         gpus = tuple(
             _gpu_energy(g, sampler.snapshot(slot, start_ns, stop_ns), start_ns, stop_ns,
