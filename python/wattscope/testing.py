@@ -30,7 +30,10 @@ NOT_SUPPORTED = 3
 
 def fake_nvml_path() -> Path:
     """Path of the fake NVML library built with the package."""
-    path = Path(__file__).with_name("libwattscope_fake_nvml.so")
+    # Installed beside the compiled module, which an editable install keeps apart from the Python sources.
+    from . import _core
+
+    path = Path(_core.__file__).with_name("libwattscope_fake_nvml.so")
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: the package was built without the fake NVML (CMake option WATTSCOPE_FAKE_NVML=ON)"
