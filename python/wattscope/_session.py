@@ -39,12 +39,22 @@ class Session:
         self._sampler: Any = None
         self._slots: dict[int, int] = {}
         self._options: dict[str, Any] = {}
+        self._driver_version: str | None = None
 
     def nvml(self) -> Any:
         with _lock:
             if self._nvml is None:
                 self._nvml = core().Nvml(os.environ.get(NVML_PATH_ENV, ""))
             return self._nvml
+
+    def driver_version(self) -> str:
+        """The NVIDIA driver's version string ("" when NVML cannot tell)."""
+        if self._driver_version is None:
+            try:
+                self._driver_version = str(self.nvml().driver_version())
+            except WattscopeError:
+                self._driver_version = ""
+        return self._driver_version
 
     def configure(self, **options: Any) -> None:
         nvml = self.nvml()

@@ -31,12 +31,32 @@ class GpuEnergy:
     counter_energy_j: float | None  # energy-counter delta over the window: a bookkeeping cross-check
     sample_period_s: float | None
     n_samples: int
-    sensor_model: str  # which sensor response the uncertainty used
+    sensor_model: str  # which sensor response aligned the readings and sized the uncertainty, and where it came from
+    sensor_profile: str | None  # path of the calibration profile used; None when built-in defaults were used
+    sensor_shift_ns: int  # the energy used stamps t_ns - sensor_shift_ns (the sensor's measured lag, see sensor.py)
     sm_clock_mhz_mean: float | None
     temperature_c_max: float | None
     errors: tuple[str, ...]
     t_ns: np.ndarray = field(repr=False, compare=False)
     power_w: np.ndarray = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class GpuTrace:
+    """Every reading one GPU's sources gave around a window: the raw material for plots and calibration.
+
+    ``series`` maps a source to ``(t_ns, value)`` numpy arrays, stamped on CLOCK_MONOTONIC: ``samples``,
+    ``instant`` and ``average`` in W, ``energy_counter`` in J (cumulative since the driver loaded), ``sm_clock`` in
+    MHz, ``temperature`` in °C. A source the GPU does not offer is absent. Each series reaches a few readings
+    beyond both edges of the window.
+    """
+
+    cuda_index: int | None
+    nvml_index: int
+    name: str
+    uuid: str
+    driver_version: str
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)

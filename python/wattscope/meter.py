@@ -20,10 +20,17 @@ import numpy as np
 from . import _session, energy
 from .devices import DeviceSelector, GpuInfo, resolve
 from .errors import GpuLostError, MeasurementError, nvml_error
-from .measurement import GpuEnergy, Measurement
-from .sensor import default_sensor_model
+from .measurement import GpuEnergy, GpuTrace, Measurement
+from .sensor import SensorModel, sensor_model
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# How long after a window's end the readings that cover it arrive: a sample period and the fetch latency
+# (measurement-facts §1: the newest sample is ~8 ms old when fetched), on top of the sensor's own lag.
+_COVER_MARGIN_NS = 25_000_000
+# The raw series a trace holds, with the factor that turns NVML's integers into SI units.
+_TRACE_SERIES = (("samples", 1e-3), ("instant", 1e-3), ("average", 1e-3), ("energy_counter", 1e-3),
+                 ("sm_clock", 1.0), ("temperature", 1.0))
 
 # Power sources in order of preference (measurement-facts §1): the ~20 ms buffered stream, then the instant field,
 # then the 1 s average, then the energy counter alone.
@@ -152,12 +159,39 @@ class PowerMeter:
             with self._calls_lock:
                 if self._calls:
                     return self._calls[-1].result
-            raise MeasurementError("nothing measured yet: use `with PowerMeter() as m:` or start()/stop() first")
-        if self._stop_ns is None:
-            raise MeasurementError("the meter is still running: read result after the with-block or stop()")
+        self._require_closed()
         if self._result is None:
             self._result = self._finish()
         return self._result
+
+    @property
+    def traces(self) -> tuple[GpuTrace, ...]:
+        """Every source's raw readings around the window, per GPU (for plots, calibration, your own analysis)."""
+        self._require_closed()
+        session = self._session
+        assert session is not None and self._gpus is not None and self._start_ns is not None
+        assert self._stop_ns is not None
+        sampler = session.sampler()
+        sampler.wait_covered(self._stop_ns + _COVER_MARGIN_NS, int(self.wait_timeout_s * 1e9))
+        driver = session.driver_version()
+        out = []
+        for g, slot in zip(self._gpus, self._slots):
+            snap = sampler.snapshot(slot, self._start_ns, self._stop_ns)
+            series = {name: (snap[name]["t_ns"], snap[name]["value"] * scale) for name, scale in _TRACE_SERIES
+                      if snap[name]["supported"]}
+            out.append(GpuTrace(g.cuda_index, g.nvml_index, g.name, g.uuid, driver, series))
+        return tuple(out)
+
+    def _require_closed(self) -> None:
+        if self._start_ns is None:
+            raise MeasurementError("nothing measured yet: use `with PowerMeter() as m:` or start()/stop() first")
+        if self._stop_ns is None:
+            raise MeasurementError("the meter is still running: read results after the with-block or stop()")
+        if self._session is not None and self._session.pid != os.getpid():
+            raise MeasurementError(
+                "this window was opened in the parent process before fork(); measure inside the child with a new "
+                "PowerMeter"
+            )
 
     # -- internals --------------------------------------------------------------------------------------------------
 
@@ -177,24 +211,22 @@ class PowerMeter:
         session = self._session
         assert session is not None and self._gpus is not None
         assert self._start_ns is not None and self._stop_ns is not None
-        if session.pid != os.getpid():
-            raise MeasurementError(
-                "this window was opened in the parent process before fork(); measure inside the child with a new "
-                "PowerMeter"
-            )
         start_ns, stop_ns = self._start_ns, self._stop_ns
         sampler = session.sampler()
-        # The reading that covers the window's end is stamped after it (and the next one too, which the uncertainty
-        # uses): wait for them rather than extrapolating.
+        driver = session.driver_version()
+        models = [_models(g.name, driver) for g in self._gpus]
+        lag_ns = max((max(0, m.shift_ns(0)) for per_gpu in models for m in per_gpu.values()), default=0)
+        # The reading that covers the window's end is stamped after it, later still by the sensor's lag (and the
+        # next one too, which the uncertainty uses): wait for them rather than extrapolating.
         timeout_ns = int(self.wait_timeout_s * 1e9)
-        covered = sampler.wait_covered(stop_ns + 25_000_000, timeout_ns)
-        # The energy-counter cross-check needs a counter reading after the end too (polled every ~100 ms).
+        covered = sampler.wait_covered(stop_ns + lag_ns + _COVER_MARGIN_NS, timeout_ns)
+        # The energy-counter cross-check needs a counter reading after the end too.
         sampler.wait_covered(stop_ns, timeout_ns, "energy_counter")
         failures = sampler.failures()
         gpus = tuple(
-            _gpu_energy(g, sampler.snapshot(slot, start_ns, stop_ns), start_ns, stop_ns,
+            _gpu_energy(g, sampler.snapshot(slot, start_ns, stop_ns + lag_ns), start_ns, stop_ns, per_gpu,
                         [f for f in failures if f["slot"] == slot and f["t_ns"] >= start_ns - 1_000_000_000])
-            for g, slot in zip(self._gpus, self._slots)
+            for g, slot, per_gpu in zip(self._gpus, self._slots, models)
         )
         errors = tuple(e for g in gpus for e in g.errors)
         if not covered and not errors:
@@ -209,12 +241,19 @@ class PowerMeter:
         return m
 
 
-def _gpu_energy(gpu: GpuInfo, snap: dict, start_ns: int, stop_ns: int, failures: list[dict]) -> GpuEnergy:
-    source = next((s for s in SOURCES if snap[s]["supported"] and len(snap[s]["t_ns"]) > 0), None)
+def _models(gpu_name: str, driver: str) -> dict[str, SensorModel]:
+    return {source: sensor_model(gpu_name, driver, source) for source in SOURCES[:3]}
+
+
+def _gpu_energy(gpu: GpuInfo, snap: dict, start_ns: int, stop_ns: int, models: dict[str, SensorModel],
+                failures: list[dict]) -> GpuEnergy:
+    available = [s for s in SOURCES if snap[s]["supported"] and len(snap[s]["t_ns"]) > 0]
+    preferred = models["samples"].best_source
+    source = preferred if preferred in available else next(iter(available), None)
     errors = tuple(str(nvml_error(f["call"], f["code"], f["message"])) for f in failures)
     if snap["lost"] and not errors:
         errors = ("the GPU stopped answering NVML during the measurement",)
-    sensor = default_sensor_model(gpu.name)
+    sensor = models.get(source or "samples", models["samples"])
     counter = snap["energy_counter"]
     counter_j = energy.counter_delta_j(counter["t_ns"], counter["value"], start_ns, stop_ns) if len(
         counter["t_ns"]) else None
@@ -222,7 +261,7 @@ def _gpu_energy(gpu: GpuInfo, snap: dict, start_ns: int, stop_ns: int, failures:
     temp = snap["temperature"]["value"]
     common = dict(
         cuda_index=gpu.cuda_index, nvml_index=gpu.nvml_index, name=gpu.name, uuid=gpu.uuid,
-        counter_energy_j=counter_j, sensor_model=sensor.origin,
+        counter_energy_j=counter_j, sensor_model=sensor.origin, sensor_profile=sensor.profile_path,
         sm_clock_mhz_mean=float(np.mean(clock)) if len(clock) else None,
         temperature_c_max=float(np.max(temp)) if len(temp) else None,
     )
@@ -238,15 +277,17 @@ def _gpu_energy(gpu: GpuInfo, snap: dict, start_ns: int, stop_ns: int, failures:
             **common, source=source, energy_j=e, mean_power_w=e / duration_s if duration_s > 0 else math.nan,
             peak_power_w=math.nan, uncertainty_j=math.nan, uncertainty_reasons=(_SOURCE_CAVEAT[source],),
             coverage=1.0 if counter_j is not None else 0.0, gaps=0, gap_s=0.0, sample_period_s=None,
-            n_samples=len(counter["t_ns"]), errors=errors, t_ns=counter["t_ns"],
+            n_samples=len(counter["t_ns"]), sensor_shift_ns=0, errors=errors, t_ns=counter["t_ns"],
             power_w=np.zeros(len(counter["t_ns"])),
         )
     series = snap[source]
     t_ns = series["t_ns"]
     power_w = series["value"] / 1000.0
     period_ns = snap["sample_period_ns"] if source == "samples" and snap["sample_period_ns"] > 0 else None
-    we = energy.integrate_window(t_ns, power_w, start_ns, stop_ns, period_ns=period_ns,
-                                 sensor_tau_ns=sensor.tau_ns if source == "samples" else 0)
+    spacing_ns = period_ns or (float(np.median(np.diff(t_ns))) if len(t_ns) > 1 else 0.0)
+    shift_ns = sensor.shift_ns(spacing_ns)
+    we = energy.integrate_window(t_ns - shift_ns, power_w, start_ns, stop_ns, period_ns=period_ns,
+                                 sensor_tau_ns=sensor.memory_ns)
     reasons = we.uncertainty_reasons
     sensor_period_ns = period_ns or 20_000_000
     if stop_ns - start_ns < 2 * sensor_period_ns and not any("shorter than" in r for r in reasons):
@@ -255,14 +296,14 @@ def _gpu_energy(gpu: GpuInfo, snap: dict, start_ns: int, stop_ns: int, failures:
                     f"{2 * sensor_period_ns / 1e6:.1f} ms)",)
     if source != "samples":
         reasons = (_SOURCE_CAVEAT[source],) + reasons
-    elif sensor.tau_ns == 0:
+    if sensor.response is None:
         reasons = reasons + (sensor.origin,)
     gap_s = float(np.sum(we.gaps_ns[:, 1] - we.gaps_ns[:, 0]) / 1e9) if len(we.gaps_ns) else 0.0
     return GpuEnergy(
         **common, source=source, energy_j=we.energy_j, mean_power_w=we.mean_power_w, peak_power_w=we.peak_power_w,
         uncertainty_j=we.uncertainty_j, uncertainty_reasons=reasons, coverage=we.coverage, gaps=len(we.gaps_ns),
         gap_s=gap_s, sample_period_s=(period_ns / 1e9) if period_ns else None, n_samples=we.n_samples,
-        errors=errors, t_ns=t_ns, power_w=power_w,
+        sensor_shift_ns=shift_ns, errors=errors, t_ns=t_ns, power_w=power_w,
     )
 
 
