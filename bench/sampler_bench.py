@@ -1,5 +1,7 @@
-"""Sampler on a real GPU: samples collected per second vs the sensor's own rate, gaps, and the CPU time of the
-sampler thread. Usage: python bench/sampler_bench.py [seconds]"""
+"""Sampler on a real GPU at the default cadences: samples collected per second vs the sensor's own rate, ring
+overruns (native: samples the driver produced but a drain came too late for), gaps (wattscope/energy.py over the run's
+snapshot: every hole in the stream, whatever its cause), and the CPU time of the sampler thread.
+Usage: python bench/sampler_bench.py [seconds]"""
 
 from __future__ import annotations
 
@@ -7,29 +9,43 @@ import sys
 import time
 
 import numpy as np
-
-from wattscope import PowerMeter, _session
+from wattscope import _session, energy
 
 
 def main(seconds: float) -> None:
-    sampler = _session.current().sampler()
-    with PowerMeter(0, sync_cuda=False) as m:
-        pass
-    _ = m.result  # warm: thread running, device added
-    cpu0, wall0 = sampler.stats()["thread_cpu_ns"], sampler.stats()["thread_wall_ns"]
-    with PowerMeter(0, sync_cuda=False) as m:
+    session = _session.current()
+    sampler = session.sampler()
+    slot = session.slot(0)  # NVML index 0
+    name = session.nvml().device_info(0)["name"]
+    sampler.acquire()
+    try:
+        sampler.wait_covered(time.monotonic_ns(), 2_000_000_000)  # warm: thread running, the ring drained once
+        s0 = sampler.stats()
+        start_ns = time.monotonic_ns()
         time.sleep(seconds)
-    r = m.result
-    st = sampler.stats()
-    g = r.gpus[0]
-    t = g.t_ns[(g.t_ns >= r.start_ns) & (g.t_ns <= r.stop_ns)]
-    spacing_ms = np.diff(t) / 1e6
-    cpu_pct = 100.0 * (st["thread_cpu_ns"] - cpu0) / (st["thread_wall_ns"] - wall0)
-    print(f"window {r.duration_s:.1f} s on {g.name}")
-    print(f"samples collected: {len(t)} = {len(t) / r.duration_s:.2f}/s; sensor spacing median {np.median(spacing_ms):.2f} ms "
-          f"(=> {1000 / np.median(spacing_ms):.2f}/s), p1 {np.percentile(spacing_ms, 1):.1f} ms, "
-          f"p99 {np.percentile(spacing_ms, 99):.1f} ms, max {spacing_ms.max():.1f} ms")
-    print(f"gaps: {r.gaps}; coverage {r.coverage:.4f}; missed deadlines {st['missed_deadlines']}")
+        stop_ns = time.monotonic_ns()
+        s1 = sampler.stats()
+        sampler.wait_covered(stop_ns + 25_000_000, 2_000_000_000)
+        snap = sampler.snapshot(slot, start_ns, stop_ns)
+    finally:
+        sampler.release()
+    t_ns = snap["samples"]["t_ns"]
+    period_ns = snap["sample_period_ns"] or None
+    we = energy.integrate_window(t_ns, snap["samples"]["value"] / 1000.0, start_ns, stop_ns, period_ns=period_ns)
+    duration_s = (stop_ns - start_ns) / 1e9
+    inside = t_ns[(t_ns >= start_ns) & (t_ns <= stop_ns)]
+    spacing_ms = np.diff(inside) / 1e6
+    gap_s = float(np.sum(we.gaps_ns[:, 1] - we.gaps_ns[:, 0]) / 1e9) if len(we.gaps_ns) else 0.0
+    cpu_pct = 100.0 * (s1["thread_cpu_ns"] - s0["thread_cpu_ns"]) / (s1["thread_wall_ns"] - s0["thread_wall_ns"])
+    print(f"window {duration_s:.1f} s on {name}")
+    print(f"samples collected: {len(inside)} = {len(inside) / duration_s:.2f}/s; sensor spacing median "
+          f"{np.median(spacing_ms):.2f} ms (=> {1000 / np.median(spacing_ms):.2f}/s), p1 "
+          f"{np.percentile(spacing_ms, 1):.1f} ms, p99 {np.percentile(spacing_ms, 99):.1f} ms, "
+          f"max {spacing_ms.max():.1f} ms")
+    print(f"ring overruns (native): {s1['overruns'] - s0['overruns']}; gaps (energy.py): {len(we.gaps_ns)} "
+          f"({gap_s:.3f} s); coverage {we.coverage:.4f}")
+    print(f"drains {s1['drains'] - s0['drains']}, ticks {s1['ticks'] - s0['ticks']}, missed deadlines "
+          f"{s1['missed_deadlines'] - s0['missed_deadlines']}, clock steps {s1['clock_steps'] - s0['clock_steps']}")
     print(f"sampler thread CPU: {cpu_pct:.3f} % of one core (default cadences)")
 
 

@@ -148,6 +148,7 @@ def test_gpu_lost_mid_run_keeps_samples_and_reports(fake):
     meter = PowerMeter(0)
     meter.start()
     time.sleep(0.3)
+    assert wattscope._session.current().sampler().wait_covered(time.monotonic_ns(), 1_000_000_000)  # drained first
     fake.fail("*", 0, 0, wattscope.testing.GPU_IS_LOST)
     time.sleep(0.3)
     meter.stop()
@@ -162,6 +163,9 @@ def test_gpu_lost_strict_raises_with_the_partial_result(fake):
     meter = PowerMeter(0, strict=True)
     meter.start()
     time.sleep(0.2)
+    # Drained before the loss (the next periodic drain is 250 ms after the start): samples still in the driver's ring
+    # when the GPU goes are lost with it.
+    assert wattscope._session.current().sampler().wait_covered(time.monotonic_ns(), 1_000_000_000)
     fake.fail("*", 0, 0, wattscope.testing.GPU_IS_LOST)
     time.sleep(0.1)
     meter.stop()
@@ -326,3 +330,18 @@ def test_warnings_are_not_raised_for_a_clean_measurement(fake):
         with PowerMeter(0) as m:
             time.sleep(0.1)
         _ = m.result
+
+
+def test_gpu_lost_before_any_reading_of_the_window_warns_with_nan(fake):
+    """The ring is drained every 250 ms: a GPU lost right after start takes the window's readings with it."""
+    fake.set_trace(0, [0.0], [200.0])
+    with PowerMeter(0) as warm:  # readings before the window exist, so only the window itself is uncovered
+        time.sleep(0.3)
+    _ = warm.result
+    meter = PowerMeter(0).start()
+    fake.fail("*", 0, 0, wattscope.testing.GPU_IS_LOST)
+    time.sleep(0.3)
+    meter.stop()
+    with pytest.warns(MeasurementWarning, match="lost|GPU"):
+        r = meter.result
+    assert r.errors and np.isnan(r.energy_j) and r.coverage == 0.0

@@ -24,7 +24,7 @@ SamplerConfig config_from_kwargs(const py::kwargs& kw) {
     else if (key == "offset_period_ns") c.offset_period_ns = v.cast<int64_t>();
     else if (key == "linger_ns") c.linger_ns = v.cast<int64_t>();
     else if (key == "default_sample_period_ns") c.default_sample_period_ns = v.cast<int64_t>();
-    else if (key == "gap_factor") c.gap_factor = v.cast<double>();
+    else if (key == "overrun_factor") c.overrun_factor = v.cast<double>();
     else if (key == "capacity") c.capacity = v.cast<std::size_t>();
     else if (key == "poll_energy") c.poll_energy = v.cast<bool>();
     else if (key == "poll_instant") c.poll_instant = v.cast<bool>();
@@ -48,8 +48,9 @@ py::dict snapshot_to_dict(DeviceSnapshot&& s) {
     series["supported"] = (s.supported_mask & (1u << i)) != 0;
     out[name] = series;
   }
-  out["gap_from_ns"] = to_numpy(std::move(s.gap_from_ns));
-  out["gap_to_ns"] = to_numpy(std::move(s.gap_to_ns));
+  out["overrun_from_ns"] = to_numpy(std::move(s.overrun_from_ns));
+  out["overrun_to_ns"] = to_numpy(std::move(s.overrun_to_ns));
+  out["overruns"] = s.overruns;
   out["samples_total"] = s.samples_total;
   out["sample_period_ns"] = s.sample_period_ns;
   out["lost"] = s.lost;
@@ -70,6 +71,8 @@ void register_sampler(py::module_& m) {
       .def("release", &Sampler::release)
       .def("stop", &Sampler::stop, py::call_guard<py::gil_scoped_release>())
       .def("request_drain", &Sampler::request_drain)
+      .def("request_counter", &Sampler::request_counter,
+           "Ask the thread for an energy-counter reading of every GPU now; returns at once (never calls NVML).")
       .def(
           "wait_covered",
           [](Sampler& s, int64_t t_ns, int64_t timeout_ns, const std::string& series) {
@@ -120,6 +123,7 @@ void register_sampler(py::module_& m) {
         d["realtime_offset_ns"] = st.realtime_offset_ns;
         d["realtime_offset_uncertainty_ns"] = st.realtime_offset_uncertainty_ns;
         d["clock_steps"] = st.clock_steps;
+        d["overruns"] = st.overruns;
         d["failures_dropped"] = st.failures_dropped;
         return d;
       });

@@ -16,6 +16,7 @@
 #include <wattscope/nvml_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -325,7 +326,10 @@ struct State {
   std::vector<FailRule> rules;
   unsigned int delay_us[kFnCount] = {};
   unsigned long long calls[kFnCount] = {};
-  int64_t realtime_minus_mono_ns = 0;
+  int64_t realtime_minus_mono_ns = 0;  // measured at reset
+  // realtime_minus_mono_ns plus the test's shift: what every stamp uses. Atomic so that fake_nvml_realtime_ns needs
+  // no lock (written under mu).
+  std::atomic<int64_t> stamp_minus_mono_ns{0};
 
   // -1 when the handle is not one of the active devices.
   int device_index(nvmlDevice_t handle) const {
@@ -335,7 +339,7 @@ struct State {
     return -1;
   }
   unsigned long long realtime_us(int64_t mono_ns) const {
-    return static_cast<unsigned long long>(floor_div(mono_ns + realtime_minus_mono_ns, 1000));
+    return static_cast<unsigned long long>(floor_div(mono_ns + stamp_minus_mono_ns.load(), 1000));
   }
   nvmlReturn_t injected_failure(int fn, int dev) const {
     for (const FailRule& r : rules) {
@@ -383,6 +387,7 @@ void reset_locked(State& s, unsigned int n_devices) {
   std::fill(std::begin(s.delay_us), std::end(s.delay_us), 0u);
   std::fill(std::begin(s.calls), std::end(s.calls), 0ull);
   s.realtime_minus_mono_ns = measure_realtime_minus_mono_ns();
+  s.stamp_minus_mono_ns.store(s.realtime_minus_mono_ns);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -943,6 +948,20 @@ FAKE_NVML_EXPORT double fake_nvml_energy_j(unsigned int dev, long long from_mono
   const nvmlDevice_st* d = control_device(s, dev, "energy_j");
   if (d == nullptr) return 0.0;
   return static_cast<double>(d->trace.integral_j(d->rel_ns(from_mono_ns), d->rel_ns(to_mono_ns)));
+}
+
+FAKE_NVML_EXPORT void fake_nvml_set_realtime_shift_us(long long shift_us) {
+  if (std::llabs(shift_us) > kMaxOriginDistanceNs / 1000) {
+    std::fprintf(stderr, "fake_nvml: set_realtime_shift_us(%lld) ignored: at most 100 days\n", shift_us);
+    return;
+  }
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.stamp_minus_mono_ns.store(s.realtime_minus_mono_ns + shift_us * 1000);
+}
+
+FAKE_NVML_EXPORT long long fake_nvml_realtime_ns(void) {
+  return mono_now_ns() + state().stamp_minus_mono_ns.load();
 }
 
 FAKE_NVML_EXPORT int fake_nvml_init_refcount(void) {

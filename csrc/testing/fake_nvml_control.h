@@ -6,7 +6,8 @@
 // programmable failures. Everything here is thread-safe and may be called while NVML calls are in flight.
 //
 // Clock: every *_mono_ns value is CLOCK_MONOTONIC nanoseconds. NVML-facing timestamps are CLOCK_REALTIME
-// microseconds, derived from CLOCK_MONOTONIC with one realtime-minus-monotonic offset measured at reset.
+// microseconds, derived from CLOCK_MONOTONIC with one realtime-minus-monotonic offset measured at reset, plus the
+// shift of fake_nvml_set_realtime_shift_us. The product measures its own offset against fake_nvml_realtime_ns.
 //
 // Invalid arguments (device index >= FAKE_NVML_MAX_DEVICES, unknown function name, malformed trace) make the
 // call a no-op and print one line starting with "fake_nvml:" to stderr, so a typo in a test is visible.
@@ -82,6 +83,16 @@ FAKE_NVML_API unsigned long long fake_nvml_call_count(const char* function);
 FAKE_NVML_API long long fake_nvml_origin_mono_ns(unsigned int dev);
 // Exact integral in joules of the true signal of `dev` over [from_mono_ns, to_mono_ns] (negative if to < from).
 FAKE_NVML_API double fake_nvml_energy_j(unsigned int dev, long long from_mono_ns, long long to_mono_ns);
+
+// Steps the fake's realtime clock: from now on it reads CLOCK_MONOTONIC plus the offset measured at reset plus
+// shift_us (0 after reset; negative = back in time; not cumulative). The step applies to every stamp handed out
+// afterwards, those of the samples already in the ring included (a real driver keeps the stamps of samples taken
+// before a step). One clock for all devices, as the driver has: a per-device shift would model nothing real.
+FAKE_NVML_API void fake_nvml_set_realtime_shift_us(long long shift_us);
+// The realtime clock the fake stamps with, in ns (shift included). Not NVML: the product resolves this optional
+// symbol from the library it loads and measures its realtime offset against it (real NVML stamps with the kernel's
+// CLOCK_REALTIME and has no such symbol), so a shift is a clock step for both sides. Lock-free.
+FAKE_NVML_API long long fake_nvml_realtime_ns(void);
 
 // Extra (not in the original brief): current nvmlInit_v2 reference count, so tests can check that the product
 // shuts NVML down as often as it initialised it.

@@ -120,6 +120,8 @@ struct FakeControl {
   decltype(&fake_nvml_origin_mono_ns) origin_mono_ns = nullptr;
   decltype(&fake_nvml_energy_j) energy_j = nullptr;
   decltype(&fake_nvml_init_refcount) init_refcount = nullptr;
+  decltype(&fake_nvml_set_realtime_shift_us) set_realtime_shift_us = nullptr;
+  decltype(&fake_nvml_realtime_ns) realtime_ns = nullptr;
 };
 
 FakeControl fake;
@@ -154,6 +156,8 @@ bool load_fake(const std::string& path) {
   ok &= resolve(dl, "fake_nvml_origin_mono_ns", fake.origin_mono_ns);
   ok &= resolve(dl, "fake_nvml_energy_j", fake.energy_j);
   ok &= resolve(dl, "fake_nvml_init_refcount", fake.init_refcount);
+  ok &= resolve(dl, "fake_nvml_set_realtime_shift_us", fake.set_realtime_shift_us);
+  ok &= resolve(dl, "fake_nvml_realtime_ns", fake.realtime_ns);
   return ok;
 }
 
@@ -180,7 +184,7 @@ void set_constant_w(unsigned int dev, double watts) {
 }
 
 // The cadences the assertions below assume, pinned so that a change of a default does not silently change what a
-// test exercises (test_no_gaps_at_default_cadence alone uses the defaults, on purpose).
+// test exercises (test_default_cadence alone uses the defaults, on purpose).
 SamplerConfig pinned_config() {
   SamplerConfig cfg;
   cfg.drain_period_ns = 50 * kMs;
@@ -189,6 +193,14 @@ SamplerConfig pinned_config() {
   cfg.energy_period_ns = 100 * kMs;
   cfg.telemetry_period_ns = 500 * kMs;
   cfg.offset_period_ns = 1000 * kMs;
+  return cfg;
+}
+
+// Every cadence 10 s: after its first tick the thread sleeps unless something wakes it.
+SamplerConfig idle_config() {
+  SamplerConfig cfg = pinned_config();
+  cfg.drain_period_ns = cfg.instant_period_ns = cfg.average_period_ns = cfg.energy_period_ns =
+      cfg.telemetry_period_ns = cfg.offset_period_ns = 10'000 * kMs;
   return cfg;
 }
 
@@ -405,24 +417,39 @@ void test_samples_integrate_square_wave() {
   s.release();
 }
 
-void test_no_gaps_at_default_cadence() {
+void test_default_cadence() {
   fake.reset(1);
   auto lib = open_fake();
   Sampler s(lib, SamplerConfig{});
   const int slot = s.add_device(0);
+  // Calls from here on are the thread's (add_device probed each source once).
+  const unsigned long long drains0 = fake.call_count("nvmlDeviceGetSamples");
+  const unsigned long long counter0 = fake.call_count("nvmlDeviceGetTotalEnergyConsumption");
+  const unsigned long long clock0 = fake.call_count("nvmlDeviceGetClockInfo");
   s.acquire();
-  sleep_ms(600);
+  sleep_ms(1200);
+  // Drains every 250 ms (0, 250, ..., 1000 ms; a late one is skipped), the counter every 5 s and the SM clock every
+  // 1 s: the cadences that keep the thread's CPU low. Drained at 100 ms, the counter at 1 Hz or the telemetry at
+  // 2 Hz, these counts would be 12, 2 and 3.
+  const unsigned long long drains = fake.call_count("nvmlDeviceGetSamples") - drains0;
+  CHECK_GE(drains, 3ull);
+  CHECK_LE(drains, 6ull);
+  CHECK_EQ(fake.call_count("nvmlDeviceGetTotalEnergyConsumption") - counter0, 1ull);
+  CHECK_LE(fake.call_count("nvmlDeviceGetClockInfo") - clock0, 2ull);
   CHECK(s.wait_covered(mono_now_ns(), 1000 * kMs));
+  // ... and lose no sample: the fake's ring of 120 × 20 ms outlasts a drain period ten times over.
   const DeviceSnapshot snap = snapshot_all(s, slot);
-  CHECK(snap.gap_from_ns.empty());
-  CHECK(snap.gap_to_ns.empty());
+  CHECK(snap.overrun_from_ns.empty());
+  CHECK(snap.overrun_to_ns.empty());
+  CHECK_EQ(snap.overruns, 0ull);
+  CHECK_EQ(s.stats().overruns, 0ull);
   CHECK_LE(max_spacing_error_ns(snap.series[kSamples].t_ns, kSamplePeriodNs), static_cast<int64_t>(2000));
-  CHECK_GE(snap.series[kSamples].t_ns.size(), static_cast<std::size_t>(140));  // 120 from the ring + ~30 new
+  CHECK_GE(snap.series[kSamples].t_ns.size(), static_cast<std::size_t>(170));  // 120 from the ring + ~60 new
   CHECK_EQ(snap.dropped[kSamples], static_cast<uint64_t>(0));
   s.release();
 }
 
-void test_gaps_when_ring_overruns() {
+void test_overruns_when_ring_wraps() {
   fake.reset(1);
   fake.set_ring_size(0, 3);  // the driver keeps 60 ms ...
   SamplerConfig cfg = pinned_config();
@@ -433,22 +460,27 @@ void test_gaps_when_ring_overruns() {
   s.acquire();
   sleep_ms(900);
   const DeviceSnapshot snap = snapshot_all(s, slot);
-  CHECK_EQ(snap.gap_from_ns.size(), snap.gap_to_ns.size());
-  CHECK_GE(snap.gap_from_ns.size(), static_cast<std::size_t>(2));
-  for (std::size_t i = 0; i < snap.gap_from_ns.size() && i < snap.gap_to_ns.size(); ++i) {
-    const int64_t len = snap.gap_to_ns[i] - snap.gap_from_ns[i];
-    CHECK_GT(len, 2 * kSamplePeriodNs);  // above gap_factor 2.5 × 20 ms ...
+  CHECK_EQ(snap.overrun_from_ns.size(), snap.overrun_to_ns.size());
+  CHECK_GE(snap.overrun_from_ns.size(), static_cast<std::size_t>(2));
+  CHECK_EQ(snap.overruns, static_cast<uint64_t>(snap.overrun_from_ns.size()));
+  CHECK_EQ(s.stats().overruns, snap.overruns);
+  for (std::size_t i = 0; i < snap.overrun_from_ns.size() && i < snap.overrun_to_ns.size(); ++i) {
+    const int64_t len = snap.overrun_to_ns[i] - snap.overrun_from_ns[i];
+    CHECK_GT(len, 2 * kSamplePeriodNs);  // above overrun_factor 2.5 × 20 ms ...
     CHECK_LT(len, 400 * kMs);            // ... and about one drain period
   }
-  // Gap edges are the stamps of the samples on either side.
+  // The edges are the samples on either side: the last one stored by a drain and the oldest the next one found.
   const auto& t = snap.series[kSamples].t_ns;
-  for (std::size_t i = 0; i < snap.gap_from_ns.size(); ++i) {
-    // The start is converted at a later drain than its sample, with a possibly re-measured realtime offset.
-    CHECK_LE(distance_to_nearest_ns(t, snap.gap_from_ns[i]), static_cast<int64_t>(10'000));
-    CHECK_EQ(distance_to_nearest_ns(t, snap.gap_to_ns[i]), static_cast<int64_t>(0));
+  for (std::size_t i = 0; i < snap.overrun_from_ns.size(); ++i) {
+    CHECK_EQ(distance_to_nearest_ns(t, snap.overrun_from_ns[i]), static_cast<int64_t>(0));
+    CHECK_EQ(distance_to_nearest_ns(t, snap.overrun_to_ns[i]), static_cast<int64_t>(0));
   }
-  // A window that ends before every gap reports none.
-  if (!t.empty()) CHECK(s.snapshot(slot, t.front() - 1, t.front()).gap_from_ns.empty());
+  // A range that ends before every overrun lists none, but the device's count stays.
+  if (!t.empty()) {
+    const DeviceSnapshot early = s.snapshot(slot, t.front() - 1, t.front());
+    CHECK(early.overrun_from_ns.empty());
+    CHECK_EQ(early.overruns, snap.overruns);
+  }
   s.release();
 }
 
@@ -609,12 +641,12 @@ void test_linger_then_acquire_restarts() {
   CHECK_GT(after.samples_total, before.samples_total);
   // The new thread continues where the old one stopped: the driver ring (2.4 s) still held the samples taken
   // meanwhile, so the stream has no hole and no repeat.
-  CHECK(after.gap_from_ns.empty());
+  CHECK(after.overrun_from_ns.empty());
   CHECK(strictly_increasing(after.series[kSamples].t_ns));
   CHECK_LE(max_spacing_error_ns(after.series[kSamples].t_ns, kSamplePeriodNs), static_cast<int64_t>(2000));
 
-  // Stopped for longer than the driver ring holds (5 × 20 ms here): the restart reports the hole as one gap, from
-  // the last sample before the stop to the oldest one the ring still had.
+  // Stopped for longer than the driver ring holds (5 × 20 ms here): the restart reports one overrun, from the last
+  // sample before the stop to the oldest one the ring still had.
   s.release();
   CHECK(wait_until_true([&] { return !s.stats().running; }, 1000));
   fake.set_ring_size(0, 5);
@@ -623,11 +655,11 @@ void test_linger_then_acquire_restarts() {
   s.acquire();
   CHECK(s.wait_covered(mono_now_ns(), 1000 * kMs));
   const DeviceSnapshot overran = snapshot_all(s, slot);
-  CHECK_EQ(overran.gap_from_ns.size(), static_cast<std::size_t>(1));
-  if (overran.gap_from_ns.size() == 1 && !stopped.series[kSamples].t_ns.empty()) {
-    // Equal up to the re-measured realtime offset (the two stamps are converted at different drains).
-    CHECK_LE(abs_ns(overran.gap_from_ns[0] - stopped.series[kSamples].t_ns.back()), static_cast<int64_t>(10'000));
-    CHECK_GT(overran.gap_to_ns[0] - overran.gap_from_ns[0], 200 * kMs);
+  CHECK_EQ(overran.overrun_from_ns.size(), static_cast<std::size_t>(1));
+  CHECK_EQ(overran.overruns, 1ull);
+  if (overran.overrun_from_ns.size() == 1 && !stopped.series[kSamples].t_ns.empty()) {
+    CHECK_EQ(overran.overrun_from_ns[0], stopped.series[kSamples].t_ns.back());
+    CHECK_GT(overran.overrun_to_ns[0] - overran.overrun_from_ns[0], 200 * kMs);
   }
   s.release();
 }
@@ -838,6 +870,200 @@ void test_bounded_capacity() {
   s.release();
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Energy counter on request, one publication per tick.
+
+void test_request_counter_reads_at_once() {
+  fake.reset(2);
+  auto lib = open_fake();
+  Sampler s(lib, idle_config());
+  const int slot0 = s.add_device(0);
+  const int slot1 = s.add_device(1);
+  s.acquire();
+  CHECK(wait_until_true([&] { return s.stats().ticks >= 1; }, 1000));
+  sleep_ms(50);  // asleep until its next 10 s deadline
+  const char* kCounter = "nvmlDeviceGetTotalEnergyConsumption";
+  fake.set_delay_us(kCounter, 20000);  // 20 ms per read, the value taken in its middle
+  const unsigned long long calls0 = fake.call_count(kCounter);
+
+  const int64_t t_request = mono_now_ns();
+  s.request_counter();
+  const int64_t request_ns = mono_now_ns() - t_request;
+  CHECK_LT(request_ns, 5 * kMs);  // the caller never makes the 20 ms call itself
+  // A second request while the first reading is under way gets a reading of its own, after it.
+  sleep_ms(5);
+  const int64_t t_second = mono_now_ns();
+  s.request_counter();
+
+  auto readings = [&](int slot) { return snapshot_all(s, slot).series[kEnergy].t_ns.size(); };
+  // Probe, first tick, and one reading per request on each GPU.
+  CHECK(wait_until_true([&] { return readings(slot0) == 4 && readings(slot1) == 4; }, 1000));
+  sleep_ms(50);
+  CHECK_EQ(fake.call_count(kCounter) - calls0, 4ull);  // coalesced: never more than one pending reading
+  // Read within a few ms of each request (stamped mid-call, 10 ms in), not at the next 10 s deadline.
+  const DeviceSnapshot snap0 = snapshot_all(s, slot0);
+  const auto& t0 = snap0.series[kEnergy].t_ns;
+  CHECK_EQ(t0.size(), static_cast<std::size_t>(4));
+  if (t0.size() == 4) {
+    CHECK_GE(t0[2], t_request + 9 * kMs);
+    CHECK_LT(t0[2] - t_request, 60 * kMs);
+    CHECK_GE(t0[3], t_second + 9 * kMs);  // began after the second request: not served by the first reading
+    CHECK_LT(t0[3] - t_second, 120 * kMs);
+  }
+  // The periodic cadence was left alone: no drain ran along with the readings.
+  CHECK_EQ(s.stats().drains, 1ull);
+
+  // A result's wait for the counter is served the same way.
+  const int64_t t_wait = mono_now_ns();
+  CHECK(s.wait_covered(t_wait, 1000 * kMs, kEnergy));
+  CHECK_LT(mono_now_ns() - t_wait, 200 * kMs);
+  CHECK(s.failures().empty());
+  s.release();
+}
+
+void test_tick_publishes_at_once() {
+  // The thread takes its lock once per tick and publishes everything the tick read in one go: a reader never sees
+  // GPU 0's reading of a tick without GPU 1's, even while GPU 1's call is still running.
+  fake.reset(2);
+  auto lib = open_fake();
+  Sampler s(lib, idle_config());
+  const int slot0 = s.add_device(0);
+  const int slot1 = s.add_device(1);
+  s.acquire();
+  CHECK(wait_until_true([&] { return s.stats().ticks >= 1; }, 1000));
+  sleep_ms(20);
+  fake.set_delay_us("nvmlDeviceGetTotalEnergyConsumption", 60000);
+  const std::size_t n0 = snapshot_all(s, slot0).series[kEnergy].t_ns.size();
+  const std::size_t n1 = snapshot_all(s, slot1).series[kEnergy].t_ns.size();
+  const int64_t t_request = mono_now_ns();
+  s.request_counter();
+  // Watch GPU 0 closely; the moment its reading shows, GPU 1's must be there too.
+  bool seen = false;
+  while (!seen && mono_now_ns() - t_request < 2000 * kMs) {
+    if (snapshot_all(s, slot0).series[kEnergy].t_ns.size() > n0) {
+      seen = true;
+      CHECK_GT(snapshot_all(s, slot1).series[kEnergy].t_ns.size(), n1);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  CHECK(seen);
+  // Both readings took 60 ms one after the other before anything was published.
+  CHECK_GE(mono_now_ns() - t_request, 110 * kMs);
+  s.release();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fork while a caller thread is inside NVML.
+
+void test_fork_during_caller_nvml_calls() {
+  fake.reset(2);
+  auto lib = open_fake();
+  Sampler s(lib, pinned_config());
+  // A caller thread probing and listing devices as fast as it can: without the fork lock, fork() often lands while
+  // it is inside the fake, whose internal lock the child then inherits taken (as it would NVML's).
+  std::atomic<bool> done{false};
+  std::atomic<long> rounds{0};
+  std::thread caller([&] {
+    while (!done.load()) {
+      (void)lib->device_count();
+      (void)lib->info(1);
+      (void)s.add_device(0);  // probed once, then found in the list (no NVML call)
+      rounds.fetch_add(1);
+    }
+  });
+  CHECK(wait_until_true([&] { return rounds.load() > 10; }, 1000));
+  int hung = 0;
+  for (int round = 0; round < 20; ++round) {
+    std::fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+      // Child: NVML must still answer. _exit: no atexit handlers, no static destructors.
+      int status = 0;
+      try {
+        status = lib->device_count() == 2u && lib->info(1).pci_bus_id == "00000000:11:00.0" ? 0 : 3;
+      } catch (...) {
+        status = 4;
+      }
+      _exit(status);
+    }
+    CHECK_GT(pid, 0);
+    if (pid < 0) break;
+    int wstatus = 0;
+    pid_t reaped = 0;
+    const int64_t deadline = mono_now_ns() + 3000 * kMs;
+    while ((reaped = waitpid(pid, &wstatus, WNOHANG)) == 0 && mono_now_ns() < deadline) sleep_ms(1);
+    if (reaped == 0) {
+      ++hung;
+      kill(pid, SIGKILL);
+      waitpid(pid, &wstatus, 0);
+      continue;
+    }
+    CHECK(WIFEXITED(wstatus));
+    if (WIFEXITED(wstatus)) CHECK_EQ(WEXITSTATUS(wstatus), 0);
+  }
+  done.store(true);
+  caller.join();
+  CHECK_EQ(hung, 0);
+  CHECK_GT(rounds.load(), 20L);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Realtime steps.
+
+void test_realtime_step_back_resyncs() {
+  fake.reset(1);
+  // 300 W / 100 W square wave: a sample counted twice, lost, or put at the wrong time changes the integral.
+  const double t_s[] = {0.0, 0.05};
+  const double power_w[] = {300.0, 100.0};
+  fake.set_trace(0, t_s, power_w, 2, 0.1, 0);
+  const int64_t origin_ns = fake.origin_mono_ns(0);
+  SamplerConfig cfg = pinned_config();
+  cfg.offset_period_ns = 50 * kMs;  // a step is seen within 50 ms
+  auto lib = open_fake();
+  Sampler s(lib, cfg);
+  const int slot = s.add_device(0);
+  s.acquire();
+  sleep_ms(300);
+  CHECK(s.wait_covered(mono_now_ns(), 1000 * kMs));
+  const uint64_t steps0 = s.stats().clock_steps;
+  const int64_t offset0 = s.stats().realtime_offset_ns;
+
+  // Realtime goes back 1.01 s (not a whole number of sample periods, so a sample converted with the wrong offset
+  // lands off the sample grid). The fake's stamps, those of the samples already in its ring included, and the clock
+  // the sampler measures its offset against both step.
+  const int64_t t_step = mono_now_ns();
+  fake.set_realtime_shift_us(-1'010'000);
+  // New samples keep coming at once: the driver's stamps now look older than the last one seen, and only the reset
+  // of last_seen lets them through before realtime has caught up (1.01 s, by when the ring would have overrun).
+  const int64_t t_wait = t_step + 300 * kMs;
+  sleep_ms(300);
+  CHECK(s.wait_covered(t_wait, 300 * kMs));
+  const SamplerStats st = s.stats();
+  CHECK_GE(st.clock_steps, steps0 + 1);
+  CHECK_LT(abs_ns(st.realtime_offset_ns - (offset0 - 1'010'000'000)), 1 * kMs);
+
+  const DeviceSnapshot snap = snapshot_all(s, slot);
+  const auto& t = snap.series[kSamples].t_ns;
+  const auto& v = snap.series[kSamples].value;
+  CHECK(strictly_increasing(t));
+  // No repeat and no hole across the step: every spacing is one period (µs stamps; the offsets measured before
+  // and after the step each carry their bracket's error).
+  CHECK_LE(max_spacing_error_ns(t, kSamplePeriodNs), static_cast<int64_t>(100'000));
+  for (int64_t ti : t) CHECK_LE(grid_offset_ns(ti, origin_ns, kSamplePeriodNs), static_cast<int64_t>(100'000));
+  CHECK_EQ(snap.samples_total, static_cast<uint64_t>(t.size()));
+  CHECK_EQ(snap.overruns, 0ull);
+  CHECK(!t.empty() && t.back() >= t_wait);
+  if (t.size() >= 2) {
+    double sum_j = 0.0;
+    for (std::size_t i = 1; i < t.size(); ++i)
+      sum_j += static_cast<double>(v[i]) * 1e-3 * 1e-9 * static_cast<double>(t[i] - t[i - 1]);
+    CHECK_LT(std::fabs(sum_j - fake.energy_j(0, t.front(), t.back())), 0.05);
+  }
+  CHECK(s.failures().empty());
+  s.release();
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 
 struct TestCase {
@@ -852,8 +1078,8 @@ const TestCase kTests[] = {
     {"add_device_errors", test_add_device_errors},
     {"samples_constant_power", test_samples_constant_power},
     {"samples_integrate_square_wave", test_samples_integrate_square_wave},
-    {"no_gaps_at_default_cadence", test_no_gaps_at_default_cadence},
-    {"gaps_when_ring_overruns", test_gaps_when_ring_overruns},
+    {"default_cadence", test_default_cadence},
+    {"overruns_when_ring_wraps", test_overruns_when_ring_wraps},
     {"samples_not_supported_uses_instant", test_samples_not_supported_uses_instant},
     {"samples_become_unsupported_mid_run", test_samples_become_unsupported_mid_run},
     {"gpu_lost_mid_run", test_gpu_lost_mid_run},
@@ -866,6 +1092,10 @@ const TestCase kTests[] = {
     {"slow_energy_counter_does_not_block_snapshot", test_slow_energy_counter_does_not_block_snapshot},
     {"fork_child_destroys_its_copy", test_fork_child_destroys_its_copy},
     {"bounded_capacity", test_bounded_capacity},
+    {"request_counter_reads_at_once", test_request_counter_reads_at_once},
+    {"tick_publishes_at_once", test_tick_publishes_at_once},
+    {"fork_during_caller_nvml_calls", test_fork_during_caller_nvml_calls},
+    {"realtime_step_back_resyncs", test_realtime_step_back_resyncs},
 };
 
 }  // namespace

@@ -35,8 +35,13 @@ def list_gpus() -> list[GpuInfo]:
 
 
 def configure_sampler(**options: Any) -> None:
-    """Restart the process-wide sampler with other cadences (``drain_period_ns``, ``instant_period_ns``,
-    ``energy_period_ns``, ``linger_ns``, ``capacity``, ``poll_energy``, ...). Open meters must be closed first."""
+    """Restart the process-wide sampler with other cadences. Open meters must be closed first.
+
+    Options (defaults in brackets): ``drain_period_ns`` buffered-sample drain [250 ms], ``instant_period_ns``
+    [50 ms], ``average_period_ns`` [100 ms], ``energy_period_ns`` energy counter [5 s, plus a reading at every window
+    edge], ``telemetry_period_ns`` SM clock and temperature [1 s], ``offset_period_ns`` realtime-offset
+    re-measurement [1 s], ``linger_ns`` [3 s], ``overrun_factor`` [2.5 sample periods], ``capacity``,
+    ``poll_energy``, ``poll_instant``."""
     from . import _session
 
     _session.reset(**options)

@@ -105,6 +105,9 @@ class PowerMeter:
         self._result = None
         self._stop_ns = None
         self._start_ns = _session.core().mono_ns()
+        # The counter is read every few seconds only (4 ms a call on H100): a reading at each edge, taken by the
+        # thread, keeps the cross-check tight without putting that call on this path.
+        self._session.sampler().request_counter()
         return self
 
     def stop(self) -> PowerMeter:
@@ -115,6 +118,7 @@ class PowerMeter:
         self._stop_ns = _session.core().mono_ns()
         assert self._session is not None
         if self._session.pid == os.getpid():
+            self._session.sampler().request_counter()
             self._session.sampler().release()
         return self
 
@@ -286,8 +290,20 @@ def _gpu_energy(gpu: GpuInfo, snap: dict, start_ns: int, stop_ns: int, models: d
     period_ns = snap["sample_period_ns"] if source == "samples" and snap["sample_period_ns"] > 0 else None
     spacing_ns = period_ns or (float(np.median(np.diff(t_ns))) if len(t_ns) > 1 else 0.0)
     shift_ns = sensor.shift_ns(spacing_ns)
-    we = energy.integrate_window(t_ns - shift_ns, power_w, start_ns, stop_ns, period_ns=period_ns,
-                                 sensor_tau_ns=sensor.memory_ns)
+    try:
+        we = energy.integrate_window(t_ns - shift_ns, power_w, start_ns, stop_ns, period_ns=period_ns,
+                                     sensor_tau_ns=sensor.memory_ns)
+    except ValueError:
+        if not errors:
+            raise
+        # The GPU failed before any reading that covers the window was drained: nothing to integrate, and the
+        # failure is what the caller must hear about (warning, or GpuLostError when strict).
+        return GpuEnergy(
+            **common, source=source, energy_j=math.nan, mean_power_w=math.nan, peak_power_w=math.nan,
+            uncertainty_j=math.nan, uncertainty_reasons=("no readings cover the window: the GPU failed",),
+            coverage=0.0, gaps=0, gap_s=0.0, sample_period_s=None, n_samples=0, sensor_shift_ns=shift_ns,
+            errors=errors, t_ns=t_ns, power_w=power_w,
+        )
     reasons = we.uncertainty_reasons
     sensor_period_ns = period_ns or 20_000_000
     if stop_ns - start_ns < 2 * sensor_period_ns and not any("shorter than" in r for r in reasons):

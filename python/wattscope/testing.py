@@ -65,6 +65,7 @@ class FakeNvml:
         lib.fake_nvml_energy_j.argtypes = [ctypes.c_uint, ctypes.c_longlong, ctypes.c_longlong]
         lib.fake_nvml_energy_j.restype = ctypes.c_double
         lib.fake_nvml_init_refcount.restype = ctypes.c_int
+        lib.fake_nvml_set_realtime_shift_us.argtypes = [ctypes.c_longlong]
 
     @classmethod
     def install(cls, n_devices: int = 1, **sampler_options: object) -> FakeNvml:
@@ -119,3 +120,11 @@ class FakeNvml:
 
     def init_refcount(self) -> int:
         return int(self._lib.fake_nvml_init_refcount())
+
+    def set_realtime_shift_us(self, shift_us: int) -> None:
+        """Step the realtime clock that stamps the fake's samples (negative: back), as the sampler sees it too.
+
+        Not cumulative; 0 after ``reset``. Every stamp handed out afterwards is shifted, those of the samples
+        already in the ring included.
+        """
+        self._lib.fake_nvml_set_realtime_shift_us(shift_us)

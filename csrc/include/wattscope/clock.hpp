@@ -15,7 +15,8 @@ struct RealtimeOffset {
   int64_t uncertainty_ns = 0;  // half-width of the tightest bracket
 };
 
-RealtimeOffset measure_realtime_offset(int tries = 7);
+// realtime_ns: the realtime clock to bracket, in ns; nullptr reads CLOCK_REALTIME (see NvmlLibrary::realtime_offset).
+RealtimeOffset measure_realtime_offset(int tries = 7, long long (*realtime_ns)() = nullptr);
 
 // Thread CPU time of the calling thread (CLOCK_THREAD_CPUTIME_ID), for the sampler's own overhead figures.
 int64_t thread_cpu_ns();

@@ -7,10 +7,35 @@
 #include <string>
 #include <vector>
 
+#include "wattscope/clock.hpp"
 #include "wattscope/nvml_api.h"
 #include "wattscope/nvml_error.hpp"
 
 namespace wattscope {
+
+// Held around every call into the loaded library, on every thread (the sampler's and the callers'), and taken by
+// fork() through pthread_atfork: a child never inherits NVML in the middle of a call, with NVML's internal locks
+// taken and no thread left to release them. A leaf lock: nothing else is acquired while it is held (above all not
+// the GIL, which the thread calling os.fork() holds while it waits for this lock).
+class NvmlCallGuard {
+ public:
+  NvmlCallGuard();
+  ~NvmlCallGuard();
+  // Scoped to one stretch of calls: neither copyable nor movable.
+  NvmlCallGuard(const NvmlCallGuard&) = delete;
+  NvmlCallGuard& operator=(const NvmlCallGuard&) = delete;
+};
+
+// One call into the library under NvmlCallGuard.
+template <typename Fn, typename... Args>
+auto guarded_call(Fn fn, Args... args) {
+  NvmlCallGuard guard;
+  return fn(args...);
+}
+
+// Not NVML: the fake NVML (csrc/testing) exports the realtime clock it stamps samples with, so that a test can step
+// it. Real NVML stamps with the kernel's CLOCK_REALTIME and has no such symbol.
+typedef long long (*fake_nvml_realtime_ns_fn)(void);
 
 struct NvmlSymbols {
   // Required: without these NvmlLibrary::open fails.
@@ -34,6 +59,7 @@ struct NvmlSymbols {
   nvmlDeviceGetPowerManagementLimit_fn power_limit = nullptr;
   nvmlDeviceGetClockInfo_fn clock_info = nullptr;
   nvmlDeviceGetTemperature_fn temperature = nullptr;
+  fake_nvml_realtime_ns_fn stamp_clock_ns = nullptr;  // see fake_nvml_realtime_ns_fn
 };
 
 struct DeviceInfo {
@@ -59,6 +85,8 @@ class NvmlLibrary {
   const NvmlSymbols& sym() const { return sym_; }
   const std::string& path() const { return path_; }
 
+  // Every method below that calls NVML does so under NvmlCallGuard.
+
   // The one choke point for NVML return codes on caller threads: throws NvmlError unless rc is success.
   void check(const char* call, nvmlReturn_t rc) const;
   std::string error_string(nvmlReturn_t rc) const;
@@ -69,6 +97,8 @@ class NvmlLibrary {
   unsigned int device_count() const;
   nvmlDevice_t handle(unsigned int nvml_index) const;
   DeviceInfo info(unsigned int nvml_index) const;
+  // The offset between the clock NVML stamps its buffered samples with (CLOCK_REALTIME) and CLOCK_MONOTONIC.
+  RealtimeOffset realtime_offset() const;
 
  private:
   NvmlLibrary(void* dl, std::string path);
