@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
 import sys
+
+# Each layer on top of the public API adds its own subcommands: a module here has ``register(subparsers)``, which
+# adds parsers whose defaults hold ``run=callable(args) -> exit code``. Modules must import cheaply (no torch).
+_COMMAND_MODULES = (
+    "wattscope.calibration.command",
+    "wattscope.sweep.command",
+)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -31,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--fake", action="store_true", help="run against the bundled fake NVML (no GPU needed)")
     p.set_defaults(run=_doctor)
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
