@@ -106,8 +106,9 @@ def test_calibrate_recovers_the_fake_sensor(fake, tmp_path):
     assert [a[0] for a in sorted(report.fits["samples"].amplitudes)] == sorted(runner.QUICK_PLAN.periods_ms)
     assert report.skipped["instant"] == "not offered by this GPU or driver"
     assert report.profile.best_source == "samples"
-    # The counter accumulates the same true power the samples average.
-    assert report.counter_bias_rel is not None and abs(report.counter_bias_rel[0]) < 0.01
+    # The counter accumulates the same true power the samples average. Its update times are known to half a polling
+    # period (21.5 ms) at each end: at most ~2 x 21.5 ms x 450 W against the ~3 s pass's ~800 J, i.e. < 3 %.
+    assert report.counter_bias_rel is not None and abs(report.counter_bias_rel[0]) < 0.03
     assert any(line.startswith("pass 1/1") for line in lines)
     assert report.profile_path is not None and report.profile_path.startswith(str(tmp_path))
     stored = load_profile(report.profile.gpu_name, report.profile.driver_version, directory=tmp_path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wattscope.calibration.protocol import Protocol, min_window_s, phase_offsets_s, plan, sensor_memory_ns
+from wattscope.calibration.protocol import Protocol, min_window_s, phase_offsets_s, plan
 from wattscope.response import Response
 
 MS = 1_000_000
@@ -23,7 +23,7 @@ def test_h100_window_lengths() -> None:
     assert min_window_s(H100, 20 * MS, 0.02) == pytest.approx(math.sqrt(2) * 21.5e-3 / 0.02)
     assert min_window_s(H100, 20 * MS, 0.01) == pytest.approx(3.04, abs=0.01)
     # A boxcar's memory is half its width; the pure delay does not count.
-    assert sensor_memory_ns(Response("boxcar", 1000 * MS, 80 * MS)) == 500 * MS
+    assert Response("boxcar", 1000 * MS, 80 * MS).memory_ns() == 500 * MS
     assert min_window_s(Response("boxcar", 1000 * MS, 80 * MS), 100 * MS, 0.05) == pytest.approx(
         math.sqrt(2) * 0.55 / 0.05
     )

@@ -219,7 +219,9 @@ class PowerMeter:
         sampler = session.sampler()
         driver = session.driver_version()
         models = [_models(g.name, driver) for g in self._gpus]
-        lag_ns = max((max(0, m.shift_ns(0)) for per_gpu in models for m in per_gpu.values()), default=0)
+        # Wait for the lag of the source each GPU will use (its profile's best one), not the slowest calibrated one:
+        # the 1 s average field alone would hold every result back by half a second.
+        lag_ns = max((max(0, per_gpu[_preferred(per_gpu)].shift_ns(0)) for per_gpu in models), default=0)
         # The reading that covers the window's end is stamped after it, later still by the sensor's lag (and the
         # next one too, which the uncertainty uses): wait for them rather than extrapolating.
         timeout_ns = int(self.wait_timeout_s * 1e9)
@@ -249,10 +251,15 @@ def _models(gpu_name: str, driver: str) -> dict[str, SensorModel]:
     return {source: sensor_model(gpu_name, driver, source) for source in SOURCES[:3]}
 
 
+def _preferred(models: dict[str, SensorModel]) -> str:
+    best = models["samples"].best_source
+    return best if best in models else "samples"
+
+
 def _gpu_energy(gpu: GpuInfo, snap: dict, start_ns: int, stop_ns: int, models: dict[str, SensorModel],
                 failures: list[dict]) -> GpuEnergy:
     available = [s for s in SOURCES if snap[s]["supported"] and len(snap[s]["t_ns"]) > 0]
-    preferred = models["samples"].best_source
+    preferred = _preferred(models)
     source = preferred if preferred in available else next(iter(available), None)
     errors = tuple(str(nvml_error(f["call"], f["code"], f["message"])) for f in failures)
     if snap["lost"] and not errors:

@@ -72,6 +72,10 @@ class Response:
             return self.delay_ns + self.shape_ns / 2
         return self.delay_ns + self.shape_ns
 
+    def memory_ns(self) -> float:
+        """How far the response spreads a power step over time, ns: low-pass tau, half a boxcar (delay excluded)."""
+        return self.shape_ns if self.kind == "lowpass" else self.shape_ns / 2
+
     def describe(self) -> str:
         """One line for reports, e.g. ``"lowpass tau 11.5 ms, delay 2.0 ms"``."""
         name = "width" if self.kind == "boxcar" else "tau"

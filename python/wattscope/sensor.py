@@ -35,10 +35,7 @@ class SensorModel:
     @property
     def memory_ns(self) -> int:
         """How far a power step's energy can spread over time in the readings (low-pass tau, half a boxcar)."""
-        if self.response is None:
-            return 0
-        shape = self.response.shape_ns
-        return int(shape if self.response.kind == "lowpass" else shape / 2)
+        return int(self.response.memory_ns()) if self.response is not None else 0
 
     def shift_ns(self, sample_period_ns: float) -> int:
         """Move stamps back by this many ns before integrating readings spaced by ``sample_period_ns``."""
@@ -80,7 +77,11 @@ def forget_profiles() -> None:
 def _cached(gpu_name: str, driver_version: str, source: str, directory: str) -> SensorModel:
     profile = load_profile(gpu_name, driver_version, directory=Path(directory)) if driver_version else None
     if profile is None or source not in profile.sources:
-        return default_sensor_model(gpu_name)
+        # The family defaults describe the buffered sample stream only; the fields average differently.
+        if source == "samples":
+            return default_sensor_model(gpu_name)
+        return SensorModel(None, f"no model of {gpu_name!r}'s {source!r} source (run wattscope calibrate)", None,
+                           profile.best_source if profile is not None else None)
     cal = profile.sources[source]
     path = str(profile_path(gpu_name, driver_version, Path(directory)))
     return SensorModel(

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..response import Response
 
-__all__ = ["Protocol", "min_window_s", "phase_offsets_s", "plan", "sensor_memory_ns"]
+__all__ = ["Protocol", "min_window_s", "phase_offsets_s", "plan"]
 
 _NS_PER_S = 1e9
 
@@ -57,11 +57,6 @@ class Protocol:
     reason: str
 
 
-def sensor_memory_ns(response: Response) -> float:
-    """How far the response spreads a step, ns: low-pass tau, boxcar half width (the pure delay excluded)."""
-    return response.shape_ns if response.kind == "lowpass" else response.shape_ns / 2
-
-
 def _check_period(sample_period_ns: float) -> None:
     if not (math.isfinite(sample_period_ns) and sample_period_ns > 0):
         raise ValueError(f"sample_period_ns must be a positive finite number of ns, got {sample_period_ns!r}")
@@ -77,7 +72,7 @@ def min_window_s(
         raise ValueError(f"target_rel_uncertainty must be in (0, 1), got {target_rel_uncertainty!r}")
     if not 0.0 <= step_fraction <= 1.0:
         raise ValueError(f"step_fraction must be in [0, 1], got {step_fraction!r}")
-    edge_ns = sensor_memory_ns(response) + sample_period_ns / 2
+    edge_ns = response.memory_ns() + sample_period_ns / 2
     window_ns = math.sqrt(2) * step_fraction * edge_ns / target_rel_uncertainty
     return max(2 * sample_period_ns, window_ns) / _NS_PER_S
 
@@ -108,7 +103,7 @@ def plan(
         raise ValueError(f"repetitions must be >= 1, got {repetitions!r}")
     window_s = min_window_s(response, sample_period_ns, target_rel_uncertainty)
     offsets = phase_offsets_s(repetitions, sample_period_ns / _NS_PER_S, rng or np.random.default_rng())
-    memory_ms = sensor_memory_ns(response) / 1e6
+    memory_ms = response.memory_ns() / 1e6
     period_ms = sample_period_ns / 1e6
     at_floor = window_s * _NS_PER_S <= 2 * sample_period_ns * (1 + 1e-12)
     floor = " (floor: 2 sample periods)" if at_floor else ""

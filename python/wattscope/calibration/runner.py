@@ -421,13 +421,21 @@ def _fit_all(passes: Sequence[PassRecord], plan: CalibrationPlan, say: Progress,
 
 def _counter_bias(p: PassRecord) -> float | None:
     """``(counter delta - integrated samples) / integrated samples`` between the first and last counter updates of
-    the pass."""
+    the pass.
+
+    The counter updates on its own grid (~100 ms) and is stamped when polled: an update happened between the last
+    reading that still showed the old value and the first that shows the new one. The midpoint of those two stamps
+    is the update time's estimate, off by at most half a polling period either way (without it every edge would
+    lag by up to a whole period, one-sided)."""
     if "energy_counter" not in p.trace.series or "samples" not in p.trace.series:
         return None
     t_e, e_j = (np.asarray(a) for a in p.trace.series["energy_counter"])
-    changed = np.concatenate(([True], e_j[1:] != e_j[:-1])) if e_j.size else np.zeros(0, dtype=bool)
-    inside = changed & (t_e >= p.start_ns) & (t_e <= p.stop_ns)
-    t_c, e_c = t_e[inside], e_j[inside]
+    if t_e.size < 2:
+        return None
+    changed = np.flatnonzero(e_j[1:] != e_j[:-1]) + 1
+    updated_ns = (t_e[changed - 1] + t_e[changed]) // 2
+    inside = (updated_ns >= p.start_ns) & (updated_ns <= p.stop_ns)
+    t_c, e_c = updated_ns[inside], e_j[changed][inside]
     if t_c.size < 2:
         return None
     t_s, w_s = p.trace.series["samples"]

@@ -201,14 +201,19 @@ def _error(command: str, e: object) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .runner import run_sweep
+    from .catalog import UnknownModelError
+    from .runner import SweepOptionsError, run_sweep
 
     try:
         options = options_from_args(args)
+    except ValueError as e:  # a bad value on the command line: nothing was measured
+        _error("sweep", e)
+        return 2
+    try:
         if args.dry_run:
             return _dry_run(options)
         summary = run_sweep(options)
-    except ValueError as e:  # bad options, unknown models, an unusable --db: nothing was measured
+    except (SweepOptionsError, UnknownModelError) as e:  # bad options, unknown models, an unusable --db
         _error("sweep", e)
         return 2
     except WattscopeError as e:

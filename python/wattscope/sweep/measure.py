@@ -274,7 +274,9 @@ def _trials(
     for i in range(settings.max_trials):
         time.sleep(settings.offsets_s[i % len(settings.offsets_s)])
         batches = 0
-        with PowerMeter(settings.meter_device, name=config.key) as m:
+        # strict: a lost GPU or readings that never arrived raise (a failure row) instead of a NaN result that
+        # would be stored, and skipped by every resume.
+        with PowerMeter(settings.meter_device, name=config.key, strict=True) as m:
             t_start = time.monotonic()
             # The host may run ahead of an asynchronous GPU, never behind it: once the host has spent window_s
             # queueing, the GPU work (which the meter's closing sync waits for) lasts at least as long.
@@ -295,7 +297,7 @@ def _trials(
                 r.uncertainty_j,
                 r.coverage,
                 g.source,
-                g.sensor_model,
+                g.sensor_profile or g.sensor_model,
                 g.sm_clock_mhz_mean,
                 g.temperature_c_max,
             )

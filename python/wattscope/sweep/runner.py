@@ -55,12 +55,6 @@ SWITCHES = ("off", "on", "both")
 DEVICES = ("cuda", "cpu")
 _GLOB_CHARS = frozenset("*?[")
 _IDLE_WINDOWS = 3
-# The sensor responses assumed without a calibration profile: Hopper's sample stream is a ~11.5 ms low-pass
-# (measurement-facts §2); for other GPUs a 100 ms boxcar, the slowest averaging the literature reports for the
-# fields NVML refreshes every 100 ms, so windows come out long enough whatever the sensor.
-_HOPPER = ("H100", "H200", "GH200")
-
-
 class SweepOptionsError(WattscopeError, ValueError):
     """An option of the sweep is invalid; raised before any GPU time is spent."""
 
@@ -370,7 +364,8 @@ def measure_idle(gpus: Sequence[Any], seconds: float) -> dict[str, IdleBaseline]
     powers: dict[str, list[float]] = {g.uuid: [] for g in gpus}
     periods: dict[str, list[float]] = {g.uuid: [] for g in gpus}
     sources: dict[str, str] = {}
-    meter = PowerMeter([g.uuid for g in gpus], name="idle")
+    # strict: a NaN idle power would make every above-idle figure of the sweep NaN.
+    meter = PowerMeter([g.uuid for g in gpus], name="idle", strict=True)
     for _ in range(_IDLE_WINDOWS):
         with meter:
             time.sleep(seconds / _IDLE_WINDOWS)
@@ -396,15 +391,17 @@ def measure_idle(gpus: Sequence[Any], seconds: float) -> dict[str, IdleBaseline]
 
 
 def sensor_response(gpu_name: str, driver_version: str) -> tuple[Any, str]:
-    """The sensor response that sizes the protocol, and where it came from."""
+    """The sensor response that sizes the protocol, and where it came from: the one every measurement uses
+    (wattscope.sensor), or, for a GPU nothing is known about, a 100 ms boxcar (the slowest averaging the literature
+    reports for fields NVML refreshes every 100 ms), so windows come out long enough whatever the sensor."""
     from ..response import Response
-    from ..sensor_profile import load_profile
+    from ..sensor import sensor_model
 
-    profile = load_profile(gpu_name, driver_version) if driver_version else None
-    if profile is not None and profile.best_source in profile.sources:
-        return profile.sources[profile.best_source].response(), f"calibration profile {profile.created_utc}"
-    if any(h in gpu_name for h in _HOPPER):
-        return Response("lowpass", 11.5e6, 2e6), "default for Hopper (low-pass tau 11.5 ms)"
+    model = sensor_model(gpu_name, driver_version)
+    if model.best_source is not None and model.best_source != "samples":
+        model = sensor_model(gpu_name, driver_version, model.best_source)
+    if model.response is not None:
+        return model.response, model.origin
     return Response("boxcar", 100e6, 0.0), "conservative default (boxcar 100 ms): run `wattscope calibrate`"
 
 

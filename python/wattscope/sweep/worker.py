@@ -195,6 +195,10 @@ def run_job(
                 proc.kill()
             proc.join(_EXIT_GRACE_S)
             receiver.close()
+        if ended in ("crash", "timeout") and stop is not None and stop.is_set():
+            # The sweep is stopping (Ctrl-C, or Slurm's SIGTERM, which reaches the workers too): the worker died
+            # because of the stop, not because of the model. Nothing is recorded, so a rerun measures it again.
+            ended = "stopped"
         if ended in ("done", "stopped"):
             if ended == "done" and remaining:
                 # The worker said it was done with configurations unanswered: a bug, but never lose them silently.
@@ -255,8 +259,10 @@ def _die_with_sweep(sweep_pid: int) -> None:
 def _child_main(conn: Any, job: WorkerJob, sweep_pid: int) -> None:
     """The worker process: build, then measure each configuration, reporting as it goes."""
     _die_with_sweep(sweep_pid)
-    # Ctrl-C reaches the whole process group; stopping workers is the parent's job (it kills them).
+    # Ctrl-C and Slurm's SIGTERM reach every process of the job; stopping workers is the parent's job (it kills
+    # them), so a worker dying of the signal is never mistaken for a crash of its model.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The fork server kept the environment it started with; CUDA and NVML read theirs when first used, below.
     os.environ.clear()
     os.environ.update(dict(job.environ))
