@@ -112,3 +112,13 @@ def test_traces_before_the_window_closes_raise(fake):
             _ = m.traces
     finally:
         m.stop()
+
+
+def test_polled_fields_are_shifted_by_the_whole_group_delay():
+    """A polled reading lags its value's change by half a polling period on average, which cancels the half period
+    the estimator puts its interval centre before the stamp: the shift is the response's group delay."""
+    from wattscope.response import Response
+
+    model = sensor.SensorModel(Response("boxcar", 25e6, 5e6), "test", None, None)
+    assert model.shift_ns(50e6, polled=True) == 17_500_000
+    assert model.shift_ns(50e6) == 17_500_000 - 25_000_000

@@ -296,7 +296,7 @@ def _gpu_energy(gpu: GpuInfo, snap: dict, start_ns: int, stop_ns: int, models: d
     power_w = series["value"] / 1000.0
     period_ns = snap["sample_period_ns"] if source == "samples" and snap["sample_period_ns"] > 0 else None
     spacing_ns = period_ns or (float(np.median(np.diff(t_ns))) if len(t_ns) > 1 else 0.0)
-    shift_ns = sensor.shift_ns(spacing_ns)
+    shift_ns = sensor.shift_ns(spacing_ns, polled=source != "samples")
     try:
         we = energy.integrate_window(t_ns - shift_ns, power_w, start_ns, stop_ns, period_ns=period_ns,
                                      sensor_tau_ns=sensor.memory_ns)

@@ -37,11 +37,16 @@ class SensorModel:
         """How far a power step's energy can spread over time in the readings (low-pass tau, half a boxcar)."""
         return int(self.response.memory_ns()) if self.response is not None else 0
 
-    def shift_ns(self, sample_period_ns: float) -> int:
-        """Move stamps back by this many ns before integrating readings spaced by ``sample_period_ns``."""
+    def shift_ns(self, sample_period_ns: float, *, polled: bool = False) -> int:
+        """Move stamps back by this many ns before integrating readings spaced by ``sample_period_ns``.
+
+        ``polled``: the readings are stamped when wattscope read them (the instant and average fields), on average
+        half a polling period after the sensor's value changed; that lag cancels the half period the estimator's
+        interval centre already sits before the stamp."""
         if self.response is None:
             return 0
-        return int(round(self.response.group_delay_ns() - sample_period_ns / 2))
+        half_period_ns = 0.0 if polled else sample_period_ns / 2
+        return int(round(self.response.group_delay_ns() - half_period_ns))
 
 
 _FAMILY_DEFAULTS: tuple[tuple[str, str], ...] = (

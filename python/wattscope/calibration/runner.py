@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import numpy as np
 from .. import energy
 from ..measurement import GpuTrace
 from ..response import KINDS
-from ..sensor_profile import PROFILE_SCHEMA_VERSION, SensorProfile
+from ..sensor_profile import PROFILE_SCHEMA_VERSION, SensorProfile, SourceCalibration
 from .fit import (
     CalibrationError,
     ModelFit,
@@ -229,7 +229,7 @@ def calibrate(
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         wattscope_version=wattscope.__version__,
         calibration_s=calibration_s,
-        sources={s: source_calibration(f, steps.get(s)) for s, f in fits.items()},
+        sources={s: _sensor_own(source_calibration(f, steps.get(s))) for s, f in fits.items()},
         best_source=best_source(fits),
         counter_bias_rel=float(np.mean(biases)) if biases else None,
     )
@@ -417,6 +417,14 @@ def _fit_all(passes: Sequence[PassRecord], plan: CalibrationPlan, say: Progress,
                                         float(np.mean([m.first_change_delay_ns for m in metrics])))
         say(f"{source}: {fit.best.response().describe()}, residual {fit.best.rel_residual:.1%} of the swing")
     return fits, steps, runs_of, skipped
+
+
+def _sensor_own(cal: SourceCalibration) -> SourceCalibration:
+    """The profile keeps the sensor's own delay: a polled field is stamped when read, on average half a polling period
+    after it changed, and measurements poll at their own cadence (the meter adds that half period back)."""
+    poll_ns = {"instant": CALIBRATION_SAMPLER["instant_period_ns"],
+               "average": CALIBRATION_SAMPLER["average_period_ns"]}.get(cal.source)
+    return cal if poll_ns is None else replace(cal, delay_ns=cal.delay_ns - poll_ns / 2)
 
 
 def _counter_bias(p: PassRecord) -> float | None:
