@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the native core with the native unit tests (csrc/tests/test_sampler.cpp) and runs them through ctest under
-# AddressSanitizer + UndefinedBehaviorSanitizer, then under ThreadSanitizer. Needs only a C++17 compiler and CMake
-# (no GPU, no Python): the tests drive the real sampler thread against the fake NVML library.
+# Builds the native core with the native unit tests (csrc/tests/test_sampler.cpp, csrc/tests/test_tracer.cpp) and runs
+# them through ctest under AddressSanitizer + UndefinedBehaviorSanitizer, then under ThreadSanitizer. Needs only a
+# C++17 compiler and CMake (no GPU, no Python): the tests drive the real sampler thread against the fake NVML library
+# and the real kernel tracer against the fake CUPTI library.
 #
 #   bash tests/native.sh             both sanitizer builds
 #   bash tests/native.sh thread      one of them ("address,undefined" or "thread")
