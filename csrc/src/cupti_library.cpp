@@ -56,12 +56,6 @@ std::vector<std::string> glob_newest_first(const std::string& pattern) {
 
 }  // namespace
 
-CuptiError::CuptiError(std::string call, int code, std::string message)
-    : std::runtime_error(call + " failed: " + message + " (CUPTI code " + std::to_string(code) + ")"),
-      call_(std::move(call)),
-      code_(code),
-      detail_(std::move(message)) {}
-
 std::shared_ptr<CuptiLibrary> CuptiLibrary::open(const std::string& path, const std::vector<std::string>& search_dirs) {
   for (const char* soname : {"libcupti.so.13", "libcupti.so.12"}) {
     if (void* dl = dlopen(soname, RTLD_NOW | RTLD_NOLOAD); dl != nullptr) {

@@ -15,10 +15,4 @@ bool nvml_code_is_fatal_for_device(int code) {
          code == NVML_ERROR_UNINITIALIZED;
 }
 
-NvmlError::NvmlError(std::string call, int code, std::string message)
-    : std::runtime_error(call + " failed: " + message + " (NVML code " + std::to_string(code) + ")"),
-      call_(std::move(call)),
-      code_(code),
-      detail_(std::move(message)) {}
-
 }  // namespace wattscope

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "wattscope/cupti_api.h"
+#include "wattscope/foreign_call_error.hpp"
 
 namespace wattscope {
 
@@ -27,17 +28,10 @@ struct CuptiFailure {
   int64_t t_ns = 0;     // monotonic time of the failure
 };
 
-class CuptiError : public std::runtime_error {
+class CuptiError : public ForeignCallError {
  public:
-  CuptiError(std::string call, int code, std::string message);
-  const std::string& call() const { return call_; }
-  int code() const { return code_; }
-  const std::string& detail() const { return detail_; }
-
- private:
-  std::string call_;
-  int code_;
-  std::string detail_;
+  CuptiError(std::string call, int code, std::string message)
+      : ForeignCallError("CUPTI", std::move(call), code, std::move(message)) {}
 };
 
 struct CuptiSymbols {

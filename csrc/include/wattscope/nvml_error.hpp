@@ -6,6 +6,9 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
+
+#include "wattscope/foreign_call_error.hpp"
 
 namespace wattscope {
 
@@ -22,17 +25,10 @@ struct NvmlFailure {
   int64_t t_ns = 0;     // monotonic time of the failure
 };
 
-class NvmlError : public std::runtime_error {
+class NvmlError : public ForeignCallError {
  public:
-  NvmlError(std::string call, int code, std::string message);
-  const std::string& call() const { return call_; }
-  int code() const { return code_; }
-  const std::string& detail() const { return detail_; }
-
- private:
-  std::string call_;
-  int code_;
-  std::string detail_;
+  NvmlError(std::string call, int code, std::string message)
+      : ForeignCallError("NVML", std::move(call), code, std::move(message)) {}
 };
 
 }  // namespace wattscope
