@@ -8,6 +8,7 @@ counted, and CUPTI errors become WattscopeError.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def fake_cupti(monkeypatch: pytest.MonkeyPatch):
     lib.fake_cupti_fail.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_int]
     lib.fake_cupti_set_clock.argtypes = [ctypes.c_double, ctypes.c_longlong]
     lib.fake_cupti_reset()
+    try:  # a real libcupti already in the process (a CUDA build of torch loads one) is reused, never the fake
+        ctypes.CDLL("libcupti.so.13", mode=os.RTLD_NOLOAD)
+        pytest.skip("a real libcupti is already loaded in this process; wattscope reuses it, not the fake")
+    except OSError:
+        pass
     cupti = _core.Cupti(str(path), [])
     if Path(cupti.path).resolve() != path.resolve():
         pytest.skip(f"a real libcupti is already loaded in this process ({cupti.path}); it is reused, not the fake")
@@ -128,3 +134,37 @@ def test_missing_library_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(WattscopeError, match="WATTSCOPE_CUPTI_PATH") as info:
         _core.Cupti("/nonexistent/libcupti.so.13", [])
     assert info.value.call == "dlopen"
+
+
+def test_a_real_cupti_without_a_driver_is_refused_not_called() -> None:
+    """CUDA 13.2's libcupti crashes in its first call when no CUDA driver loads; wattscope must refuse it first.
+    Runs in a child so that a regression kills the child, not the test session."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, sys\n"
+        "try:\n"
+        "    ctypes.CDLL('libcuda.so.1')\n"
+        "    sys.exit(3)\n"
+        "except OSError:\n"
+        "    pass\n"
+        "import glob, site\n"
+        "found = [p for d in site.getsitepackages() for p in glob.glob(d + '/nvidia/*/lib/libcupti.so*')]\n"
+        "if not found:\n"
+        "    sys.exit(4)\n"
+        "from wattscope import _core\n"
+        "from wattscope.errors import WattscopeError\n"
+        "try:\n"
+        "    _core.Cupti(found[0], [])\n"
+        "except WattscopeError as e:\n"
+        "    assert 'CUDA driver' in str(e), e\n"
+        "    sys.exit(0)\n"
+        "sys.exit(5)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if proc.returncode == 3:
+        pytest.skip("a CUDA driver is present here")
+    if proc.returncode == 4:
+        pytest.skip("no real libcupti installed here")
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])

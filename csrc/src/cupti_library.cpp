@@ -98,6 +98,14 @@ std::shared_ptr<CuptiLibrary> CuptiLibrary::open(const std::string& path, const 
 
 CuptiLibrary::CuptiLibrary(void* dl, std::string path, bool reused)
     : dl_(dl), path_(std::move(path)), reused_(reused) {
+  // CUDA 13.2's libcupti dies with SIGSEGV in its very first call (cuptiGetVersion) when no CUDA driver can be
+  // loaded: every CPU-only machine with a CUDA build of torch installed (CI found it). So nothing is called before
+  // libcuda.so.1 loads. The bundled fake CUPTI, recognised by its control symbol, needs no driver.
+  if (dlsym(dl_, "fake_cupti_reset") == nullptr && dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL) == nullptr) {
+    throw CuptiError("dlopen", kCuptiNoDriver,
+                     "no CUDA driver (libcuda.so.1) could be loaded, and CUPTI cannot run without one: kernel "
+                     "tracing needs an NVIDIA GPU and driver (energy measurement does not)");
+  }
   resolve(dl_, "cuptiGetResultString", sym_.result_string);
   resolve(dl_, "cuptiGetTimestamp", sym_.get_timestamp);
   resolve(dl_, "cuptiActivityRegisterCallbacks", sym_.register_callbacks);

@@ -20,6 +20,8 @@ constexpr int kCuptiLibraryNotFound = -1;
 constexpr int kCuptiSymbolMissing = -2;
 // Not a CUPTI code: another wattscope KernelTracer already owns CUPTI's process-global activity state.
 constexpr int kCuptiTracerBusy = -3;
+// Not a CUPTI code: no CUDA driver could be loaded, and CUPTI must not be called without one.
+constexpr int kCuptiNoDriver = -4;
 
 struct CuptiFailure {
   std::string call;     // CUPTI symbol, e.g. "cuptiActivityFlushAll"
