@@ -29,6 +29,15 @@ def _fake_cupti_path() -> Path:
     return path
 
 
+def _skip_if_real_cupti_loaded() -> None:
+    # A real libcupti already in the process (a CUDA build of torch loads one) is reused, never the fake.
+    try:
+        ctypes.CDLL("libcupti.so.13", mode=os.RTLD_NOLOAD)
+    except OSError:
+        return
+    pytest.skip("a real libcupti is already loaded in this process; wattscope reuses it, not the fake")
+
+
 @pytest.fixture
 def fake_cupti(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("WATTSCOPE_CUPTI_PATH", raising=False)
@@ -46,11 +55,7 @@ def fake_cupti(monkeypatch: pytest.MonkeyPatch):
     lib.fake_cupti_fail.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_int]
     lib.fake_cupti_set_clock.argtypes = [ctypes.c_double, ctypes.c_longlong]
     lib.fake_cupti_reset()
-    try:  # a real libcupti already in the process (a CUDA build of torch loads one) is reused, never the fake
-        ctypes.CDLL("libcupti.so.13", mode=os.RTLD_NOLOAD)
-        pytest.skip("a real libcupti is already loaded in this process; wattscope reuses it, not the fake")
-    except OSError:
-        pass
+    _skip_if_real_cupti_loaded()
     cupti = _core.Cupti(str(path), [])
     if Path(cupti.path).resolve() != path.resolve():
         pytest.skip(f"a real libcupti is already loaded in this process ({cupti.path}); it is reused, not the fake")
@@ -131,6 +136,7 @@ def test_bad_options_rejected(fake_cupti) -> None:
 
 def test_missing_library_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_cupti_path()
+    _skip_if_real_cupti_loaded()
     with pytest.raises(WattscopeError, match="WATTSCOPE_CUPTI_PATH") as info:
         _core.Cupti("/nonexistent/libcupti.so.13", [])
     assert info.value.call == "dlopen"

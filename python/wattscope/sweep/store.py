@@ -26,6 +26,7 @@ import csv
 import math
 import sqlite3
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -339,6 +340,19 @@ class SweepStore:
             "(SQLite also writes -wal and -shm files next to it, so the folder must be writable)."
         )
 
+    def _journal_mode_wal(self) -> str:
+        # Switching the journal mode needs the file to itself, and SQLite answers "database is locked" at once
+        # instead of waiting when another process holds it (several sweeps opening one new file; CI saw it):
+        # retry for as long as the connection's own busy timeout.
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                return str(self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def _check_or_create(self) -> None:
         try:
             tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -350,7 +364,7 @@ class SweepStore:
             return
         try:
             # Set before creating tables so the new file starts in WAL mode; see the module docstring for why.
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = self._journal_mode_wal()
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             if mode.lower() != "wal":
