@@ -8,6 +8,9 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 python -m pip install -q --upgrade pip
+# The CPU build of torch (a local wheel on the CI machines): a CUDA build would load a real libcupti at import, which
+# wattscope then reuses instead of its fake CUPTI, so the tracer tests would skip.
+python -m pip install -q "torch==2.13.0"
 python -m pip install -q ".[test]"
 if [ -f tests/native.sh ]; then
   bash tests/native.sh

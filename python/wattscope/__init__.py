@@ -21,6 +21,7 @@ from .errors import (
     NvmlPermissionError,
     WattscopeError,
 )
+from .kernel_session import KernelTracingUnavailableError  # kernel tracing (kernel_session.py)
 from .measurement import GpuEnergy, Measurement
 from .meter import MeasurementWarning, PowerMeter
 
@@ -52,6 +53,7 @@ __all__ = [
     "GpuEnergy",
     "GpuInfo",
     "GpuLostError",
+    "KernelTracingUnavailableError",
     "Measurement",
     "MeasurementError",
     "MeasurementWarning",

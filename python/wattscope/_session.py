@@ -40,6 +40,17 @@ class Session:
         self._slots: dict[int, int] = {}
         self._options: dict[str, Any] = {}
         self._driver_version: str | None = None
+        self._kernel_tracing: Any = None  # kernel_session.KernelTracing, made by the first meter with kernels
+
+    # -- kernel tracing (kernel_session.py) --
+    def kernel_tracing(self) -> Any:
+        from .kernel_session import KernelTracing
+
+        with _lock:
+            if self._kernel_tracing is None:
+                self._kernel_tracing = KernelTracing(core())
+            return self._kernel_tracing
+    # -- end kernel tracing --
 
     def nvml(self) -> Any:
         with _lock:
@@ -84,6 +95,9 @@ class Session:
     def shutdown(self) -> None:
         with _lock:
             sampler = self._sampler
+            tracing = self._kernel_tracing
+        if tracing is not None and os.getpid() == self.pid:
+            tracing.shutdown()
         if sampler is not None and os.getpid() == self.pid:
             sampler.stop()
 

@@ -6,6 +6,7 @@ work (waiting for the sensor samples that cover the window's end, integrating) h
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -13,11 +14,12 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from . import _session, energy
+from . import _session, energy, kernel_session
 from .devices import DeviceSelector, GpuInfo, resolve
 from .errors import GpuLostError, MeasurementError, nvml_error
 from .measurement import GpuEnergy, GpuTrace, Measurement
@@ -57,6 +59,9 @@ class PowerMeter:
         GPU work launched inside it rather than the time the host took to queue it.
     wait_timeout_s: how long ``result`` may wait for the sensor samples that cover the window's end.
     strict: raise ``GpuLostError`` (with the partial measurement attached) instead of warning when a GPU fails.
+    kernels: ``True`` traces the GPU kernels with CUPTI (``m.kernels``: energy per kernel); start raises
+        ``KernelTracingUnavailableError`` when CUPTI is missing. ``"auto"``: trace when possible, else measure energy
+        alone and say so in the result's ``uncertainty_reasons``.
     """
 
     def __init__(
@@ -67,7 +72,10 @@ class PowerMeter:
         sync_cuda: bool = True,
         wait_timeout_s: float = 1.0,
         strict: bool = False,
+        kernels: bool | str = False,
     ) -> None:
+        if kernels not in (False, True, "auto"):
+            raise ValueError(f"kernels must be True, False or 'auto', got {kernels!r}")
         if wait_timeout_s < 0 or not math.isfinite(wait_timeout_s):
             raise ValueError(f"wait_timeout_s must be a non-negative number of seconds, got {wait_timeout_s!r}")
         self.devices = devices
@@ -83,6 +91,12 @@ class PowerMeter:
         self._result: Measurement | None = None
         self._calls: list[PowerMeter] = []
         self._calls_lock = threading.Lock()
+        # -- kernel tracing (kernel_session.py) --
+        self._kernels_mode = kernels
+        self._kernel_tracer: Any = None
+        self._kernel_capture: kernel_session.KernelCapture | None = None
+        self._attributions: dict[tuple, Any] = {}
+        # -- end kernel tracing --
 
     # -- the window -------------------------------------------------------------------------------------------------
 
@@ -100,6 +114,11 @@ class PowerMeter:
             raise MeasurementError("PowerMeter.start() called twice without stop(); use one meter per window")
         self._bind()
         assert self._session is not None and self._gpus is not None
+        # -- kernel tracing: before the sampler is held, so that a missing CUPTI leaves nothing to undo --
+        self._kernel_tracer, self._kernel_capture, self._attributions = None, None, {}
+        if self._kernels_mode:
+            self._kernel_tracer, self._kernel_capture = kernel_session.open_tracer(self._session, self._kernels_mode)
+        # -- end kernel tracing --
         self._session.sampler().acquire()
         self._sync()
         self._result = None
@@ -118,6 +137,11 @@ class PowerMeter:
         self._stop_ns = _session.core().mono_ns()
         assert self._session is not None
         if self._session.pid == os.getpid():
+            # -- kernel tracing: after the CUDA sync above, so the window's kernels have finished --
+            if self._kernel_tracer is not None:
+                tracer, self._kernel_tracer = self._kernel_tracer, None
+                self._kernel_capture = kernel_session.close_tracer(self._session, tracer, self._start_ns, self._stop_ns)
+            # -- end kernel tracing --
             self._session.sampler().request_counter()
             self._session.sampler().release()
         return self
@@ -135,7 +159,7 @@ class PowerMeter:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             self._bind()  # resolve the devices once here, not in every call's window
             child = PowerMeter(self.devices, name=self.name or fn.__qualname__, sync_cuda=self.sync_cuda,
-                               wait_timeout_s=self.wait_timeout_s, strict=self.strict)
+                               wait_timeout_s=self.wait_timeout_s, strict=self.strict, kernels=self._kernels_mode)
             child._gpus, child._slots, child._session = self._gpus, self._slots, self._session
             with child:
                 out = fn(*args, **kwargs)
@@ -185,6 +209,59 @@ class PowerMeter:
                       if snap[name]["supported"]}
             out.append(GpuTrace(g.cuda_index, g.nvml_index, g.name, g.uuid, driver, series))
         return tuple(out)
+
+    # -- kernel tracing (kernel_session.py) ------------------------------------------------------------------------
+
+    @property
+    def kernels(self) -> Any:
+        """Energy per kernel of the first measured GPU, as a pandas DataFrame (see ``kernel_attribution``)."""
+        return self.kernel_attribution().table
+
+    def kernel_attribution(self, cuda_index: int | None = None, method: str | None = None,
+                           group_by: str = "name") -> Any:
+        """The :class:`wattscope.kernels.Attribution` of one GPU (default: the first measured) over the window.
+
+        method: ``"model"`` or ``"overlap"``; by default ``"model"`` when the GPU's sensor response is characterised,
+            else ``"overlap"`` (the notes say so). Uses the readings the Measurement integrated.
+        """
+        m = self.result
+        g = m.gpus[0] if cuda_index is None else m.gpu(cuda_index)
+        key = (g.cuda_index, method, group_by)
+        if key not in self._attributions:
+            assert self._session is not None
+            self._attributions[key] = kernel_session.attribute_gpu(
+                self._kernel_capture, g, m.start_ns, m.stop_ns, self._session.driver_version(), method, group_by)
+        return self._attributions[key]
+
+    def save_trace(self, path: str | Path, *, method: str | None = None) -> Path:
+        """Write the window's kernels and power readings as a Chrome/Perfetto JSON trace (``trace_export``); with
+        one GPU, each kernel event carries the energy credited to it. Returns the path written."""
+        from .trace_export import save_trace
+
+        m = self.result
+        series: dict[object, tuple[np.ndarray, np.ndarray]] = {
+            g.cuda_index if g.cuda_index is not None else g.uuid: (g.t_ns, g.power_w) for g in m.gpus
+        }
+        if len(m.gpus) == 1:
+            att = self.kernel_attribution(method=method)
+            return save_trace(path, att.timeline, series, energy_table=att)
+        self.kernel_attribution(m.gpus[0].cuda_index, method)  # raises the clear error when nothing was traced
+        assert self._kernel_capture is not None and self._kernel_capture.timeline is not None
+        ordinals = [g.cuda_index for g in m.gpus if g.cuda_index is not None]
+        timeline = self._kernel_capture.timeline
+        timeline = timeline.take(np.isin(timeline.device, ordinals)).clip(m.start_ns, m.stop_ns)
+        return save_trace(path, timeline, series)
+
+    def plot(self, path: str | Path, *, cuda_index: int | None = None, method: str | None = None,
+             top_n: int = 8) -> Path:
+        """Save a PNG of one GPU's readings with its kernels and energy per kernel (``kernel_plot``)."""
+        from .kernel_plot import plot_kernels
+
+        att = self.kernel_attribution(cuda_index, method)
+        g = self.result.gpus[0] if cuda_index is None else self.result.gpu(cuda_index)
+        return plot_kernels(path, g.t_ns, g.power_w, att.timeline, att.table, top_n=top_n, title=self.name)
+
+    # -- end kernel tracing -----------------------------------------------------------------------------------------
 
     def _require_closed(self) -> None:
         if self._start_ns is None:
@@ -238,6 +315,11 @@ class PowerMeter:
         if not covered and not errors:
             errors += (f"the sensor readings covering the window's end did not arrive within {self.wait_timeout_s} s",)
         m = _combine(self.name, start_ns, stop_ns, gpus, errors)
+        # -- kernel tracing --
+        if self._kernel_capture is not None and self._kernel_capture.unavailable is not None:
+            m = dataclasses.replace(m, uncertainty_reasons=m.uncertainty_reasons + (
+                f"kernels='auto': energy only, {self._kernel_capture.unavailable}",))
+        # -- end kernel tracing --
         if errors:
             if self.strict:
                 err = GpuLostError("; ".join(errors))

@@ -1,0 +1,178 @@
+"""PowerMeter(kernels=...) against the fake NVML and the fake CUPTI: the real loaders, sampler thread and tracer."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from wattscope import MeasurementError, PowerMeter, _core, _session
+from wattscope.kernel_session import KernelTracingUnavailableError
+
+pd = pytest.importorskip("pandas")
+
+KIND_KERNEL = 10
+KIND_MEMCPY = 1
+CUPTI_ERROR_INSUFFICIENT_PRIVILEGES = 35
+MS = 1_000_000
+
+
+@pytest.fixture
+def cupti(fake, monkeypatch: pytest.MonkeyPatch):
+    path = Path(_core.__file__).with_name("libwattscope_fake_cupti.so")
+    if not path.exists():
+        pytest.skip("wattscope was built without the fake CUPTI (WATTSCOPE_FAKE_CUPTI=OFF)")
+    try:  # a real libcupti already in the process is reused by the loader, never the fake
+        ctypes.CDLL("libcupti.so.13", mode=os.RTLD_NOLOAD)
+        pytest.skip("a real libcupti is already loaded in this process")
+    except OSError:
+        pass
+    monkeypatch.setenv("WATTSCOPE_CUPTI_PATH", str(path))
+    lib = ctypes.CDLL(str(path))
+    lib.fake_cupti_inject.argtypes = [
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_char_p,
+        ctypes.c_longlong,
+        ctypes.c_longlong,
+        ctypes.c_uint,
+    ]
+    lib.fake_cupti_fail.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_int]
+    lib.fake_cupti_reset()
+    yield lib
+    _session.reset()
+    lib.fake_cupti_reset()
+
+
+def _inject(lib, name: bytes | None, start_ns: int, end_ns: int, *, device: int = 0, kind: int = KIND_KERNEL) -> None:
+    assert lib.fake_cupti_inject(kind, device, 7, name, start_ns, end_ns, 1) == 1
+
+
+def _square_wave_with_kernels(fake, lib) -> tuple[PowerMeter, int]:
+    """100 W idle / 400 W while "hot" runs, 100 ms each, with "cold" kernels in the idle halves: 3 periods."""
+    origin_ns = time.monotonic_ns()
+    fake.set_trace(0, [0.0, 0.1], [100.0, 400.0], repeat_period_s=0.2, origin_mono_ns=origin_ns)
+    with PowerMeter(0, kernels=True) as m:
+        time.sleep(0.65)
+        for k in range(3):
+            base_ns = origin_ns + 200 * MS * k
+            _inject(lib, b"cold", base_ns + 20 * MS, base_ns + 80 * MS)
+            _inject(lib, b"hot", base_ns + 100 * MS, base_ns + 200 * MS)
+        _inject(lib, None, base_ns + 90 * MS, base_ns + 91 * MS, kind=KIND_MEMCPY)
+        _inject(lib, b"other_gpu", base_ns, base_ns + 100 * MS, device=1)
+        _inject(lib, b"before", origin_ns - 900 * MS, origin_ns - 800 * MS)  # ends before the window: clipped out
+        _inject(lib, b"edge", m._start_ns - 50 * MS, m._start_ns + 30 * MS)
+    return m, origin_ns
+
+
+def test_rows_add_up_to_the_window_energy_and_separate_the_classes(fake, cupti) -> None:
+    m, _ = _square_wave_with_kernels(fake, cupti)
+    r = m.result
+    att = m.kernel_attribution()
+    table = m.kernels
+    assert att.method == "model"  # the fake is an H100, whose built-in response lets the model run
+    assert table["energy_j"].sum() == pytest.approx(r.gpus[0].energy_j, rel=1e-9, abs=1e-9)
+    rows = table.set_index("name")
+    assert "before" not in rows.index and "other_gpu" not in rows.index  # outside the window / another GPU
+    assert rows.loc["hot", "calls"] == 3 and rows.loc["cold", "calls"] == 3
+    assert rows.loc["hot", "mean_power_w"] > 300.0
+    assert rows.loc["cold", "mean_power_w"] < 200.0
+    # The model merges classes too short to fit (the clipped edge kernel, the copy) into [other], and says so.
+    assert rows.loc["[other]", "calls"] == 2
+    assert any("[memcpy], edge" in n for n in table.attrs["notes"])
+    assert set(np.unique(att.timeline.device)) == {0}
+
+    overlap = m.kernel_attribution(method="overlap")
+    assert overlap.method == "overlap"
+    assert sum(row.energy_j for row in overlap.rows) == pytest.approx(r.gpus[0].energy_j, rel=1e-9, abs=1e-9)
+    by_name = {row.name: row for row in overlap.rows}
+    assert by_name["edge"].time_s == pytest.approx(0.030, abs=0.002)  # the part inside the window only
+    assert by_name["[memcpy]"].calls == 1
+
+
+def test_save_trace_writes_loadable_json(fake, cupti, tmp_path: Path) -> None:
+    m, _ = _square_wave_with_kernels(fake, cupti)
+    path = m.save_trace(tmp_path / "trace.json")
+    doc = json.loads(Path(path).read_text())
+    events = doc["traceEvents"] if isinstance(doc, dict) else doc
+    kernel_names = {e.get("name") for e in events if e.get("ph") == "X"}
+    assert {"hot", "cold", "edge"} <= kernel_names
+    assert "before" not in kernel_names
+    assert any("energy_j" in e.get("args", {}) for e in events if e.get("name") == "hot")
+
+
+def test_dropped_records_surface(fake, cupti) -> None:
+    fake.set_trace(0, [0.0], [200.0])
+    _session.current().kernel_tracing().configure(buffer_bytes=1024, buffer_count=1)  # room for 4 records
+    with PowerMeter(0, kernels=True) as m:
+        time.sleep(0.1)
+        now_ns = time.monotonic_ns()
+        for i in range(10):
+            cupti.fake_cupti_inject(KIND_KERNEL, 0, 1, b"k", now_ns - 50 * MS + i * MS, now_ns - 49 * MS + i * MS, i)
+    table = m.kernel_attribution(method="overlap").table  # the model would merge the 1 ms kernels into [other]
+    assert table.attrs["dropped"] == 6
+    assert any("dropped 6" in n for n in table.attrs["notes"])
+    assert table.set_index("name").loc["k", "calls"] == 4
+
+
+def test_missing_cupti_raises_and_auto_falls_back(fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATTSCOPE_CUPTI_PATH", "/nonexistent/libcupti.so.13")
+    fake.set_trace(0, [0.0], [150.0])
+    m = PowerMeter(0, kernels=True)
+    with pytest.raises(KernelTracingUnavailableError, match="nvidia-cuda-cupti") as info:
+        m.start()
+    assert "WATTSCOPE_CUPTI_PATH" in str(info.value)
+    assert not m.running
+    with PowerMeter(0, kernels="auto") as auto:
+        time.sleep(0.1)
+    r = auto.result
+    assert r.energy_j == pytest.approx(150.0 * r.duration_s, rel=1e-6)
+    assert any("kernels='auto': energy only" in reason for reason in r.uncertainty_reasons)
+    with pytest.raises(MeasurementError, match="no kernel timeline"):
+        _ = auto.kernels
+    with pytest.raises(ValueError, match="kernels must be"):
+        PowerMeter(0, kernels="yes")
+
+
+def test_cupti_refusing_to_start_is_the_same_typed_error(fake, cupti) -> None:
+    cupti.fake_cupti_fail(b"cuptiActivityEnable", 0, CUPTI_ERROR_INSUFFICIENT_PRIVILEGES)
+    with pytest.raises(KernelTracingUnavailableError, match="NVreg_RestrictProfilingToAdminUsers"):
+        PowerMeter(0, kernels=True).start()
+
+
+def test_nested_meters_share_one_tracer(fake, cupti) -> None:
+    fake.set_trace(0, [0.0], [300.0])
+    with PowerMeter(0, kernels=True) as outer:
+        time.sleep(0.05)
+        with PowerMeter(0, kernels=True) as inner:
+            time.sleep(0.1)
+            now_ns = time.monotonic_ns()
+            _inject(cupti, b"inner_k", now_ns - 60 * MS, now_ns - 20 * MS)
+        tracer = _session.current().kernel_tracing()
+        assert tracer._users == 1  # the outer meter still holds it
+        time.sleep(0.05)
+        later_ns = time.monotonic_ns()
+        _inject(cupti, b"outer_k", later_ns - 30 * MS, later_ns - 10 * MS)
+    assert tracer._users == 0
+    # overlap: the model would merge these short classes into [other]
+    inner_rows = inner.kernel_attribution(method="overlap").table.set_index("name")
+    outer_rows = outer.kernel_attribution(method="overlap").table.set_index("name")
+    assert "inner_k" in inner_rows.index and "outer_k" not in inner_rows.index
+    assert {"inner_k", "outer_k"} <= set(outer_rows.index)
+    assert outer.kernels["energy_j"].sum() == pytest.approx(outer.result.energy_j, rel=1e-9)
+    with PowerMeter(0) as plain:
+        time.sleep(0.03)
+    with pytest.raises(MeasurementError, match="kernels=True"):
+        _ = plain.kernels
+
+
+def test_plot_writes_a_png(fake, cupti, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    m, _ = _square_wave_with_kernels(fake, cupti)
+    path = m.plot(tmp_path / "kernels.png")
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
