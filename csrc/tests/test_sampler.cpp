@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "fake_nvml_control.h"
+#include "check.hpp"
 #include "wattscope/clock.hpp"
 #include "wattscope/nvml_error.hpp"
 #include "wattscope/nvml_library.hpp"
@@ -63,46 +64,8 @@ using wattscope::SamplerStats;
 using wattscope::Series;
 
 // ---------------------------------------------------------------------------------------------------------------
-// Checks. Thread-safe: the concurrency tests check from several threads.
-
-std::atomic<int> g_failed_checks{0};
-std::mutex g_print_mu;
-
-void report_failure(const char* file, int line, const std::string& what) {
-  g_failed_checks.fetch_add(1);
-  std::lock_guard<std::mutex> lk(g_print_mu);
-  std::printf("%s:%d: %s\n", file, line, what.c_str());
-  std::fflush(stdout);
-}
-
-template <typename T>
-std::string to_text(const T& v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
-}
-
-#define CHECK(expr)                                                \
-  do {                                                             \
-    if (!(expr)) report_failure(__FILE__, __LINE__, #expr);        \
-  } while (0)
-
-// Also prints both operands. Operands must have comparable types (-Wsign-compare is an error here).
-#define CHECK_OP(a, op, b)                                                                                 \
-  do {                                                                                                     \
-    const auto check_a_ = (a);                                                                             \
-    const auto check_b_ = (b);                                                                             \
-    if (!(check_a_ op check_b_))                                                                           \
-      report_failure(__FILE__, __LINE__,                                                                   \
-                     std::string(#a " " #op " " #b " (") + to_text(check_a_) + " vs " + to_text(check_b_) + \
-                         ")");                                                                             \
-  } while (0)
-#define CHECK_EQ(a, b) CHECK_OP(a, ==, b)
-#define CHECK_NE(a, b) CHECK_OP(a, !=, b)
-#define CHECK_LT(a, b) CHECK_OP(a, <, b)
-#define CHECK_LE(a, b) CHECK_OP(a, <=, b)
-#define CHECK_GT(a, b) CHECK_OP(a, >, b)
-#define CHECK_GE(a, b) CHECK_OP(a, >=, b)
+using wattscope_test::report_failure;
+using wattscope_test::TestCase;
 
 // ---------------------------------------------------------------------------------------------------------------
 // The fake's control API, resolved from the same path the product opens.
@@ -1066,10 +1029,6 @@ void test_realtime_step_back_resyncs() {
 
 // ---------------------------------------------------------------------------------------------------------------
 
-struct TestCase {
-  const char* name;
-  void (*fn)();
-};
 
 const TestCase kTests[] = {
     {"library_open_balances_init", test_library_open_balances_init},
@@ -1106,29 +1065,13 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (!load_fake(argv[1])) return 2;
-  int passed = 0;
-  int failed = 0;
-  for (const TestCase& tc : kTests) {
-    const int before = g_failed_checks.load();
-    const int64_t t0 = mono_now_ns();
-    fake.reset(1);
-    try {
-      tc.fn();
-    } catch (const std::exception& e) {
-      report_failure(__FILE__, __LINE__, std::string(tc.name) + ": unexpected exception: " + e.what());
-    } catch (...) {
-      report_failure(__FILE__, __LINE__, std::string(tc.name) + ": unexpected non-std exception");
-    }
-    // Every NvmlLibrary (and so every Sampler) of the test is gone: its nvmlInit must have been balanced.
-    if (fake.init_refcount() != 0) {
-      report_failure(__FILE__, __LINE__,
-                     std::string(tc.name) + ": NVML init references left: " + std::to_string(fake.init_refcount()));
-    }
-    const bool ok = g_failed_checks.load() == before;
-    (ok ? passed : failed) += 1;
-    std::printf("%s %s (%.0f ms)\n", ok ? "PASS" : "FAIL", tc.name, static_cast<double>(mono_now_ns() - t0) / 1e6);
-    std::fflush(stdout);
-  }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed > 0 ? 1 : 0;
+  return wattscope_test::run_tests(
+      kTests, [] { fake.reset(1); },
+      [](const char* name) {
+        // Every NvmlLibrary (and so every Sampler) of the test is gone: its nvmlInit must have been balanced.
+        if (fake.init_refcount() != 0) {
+          report_failure(__FILE__, __LINE__,
+                         std::string(name) + ": NVML init references left: " + std::to_string(fake.init_refcount()));
+        }
+      });
 }

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "fake_cupti_control.h"
+#include "check.hpp"
 #include "wattscope/clock.hpp"
 #include "wattscope/cupti_library.hpp"
 #include "wattscope/kernel_tracer.hpp"
@@ -35,42 +36,8 @@ using wattscope::mono_now_ns;
 using wattscope::TracerConfig;
 using wattscope::TracerSnapshot;
 
-std::atomic<int> g_failed_checks{0};
-std::mutex g_print_mu;
-
-void report_failure(const char* file, int line, const std::string& what) {
-  g_failed_checks.fetch_add(1);
-  std::lock_guard<std::mutex> lk(g_print_mu);
-  std::printf("%s:%d: %s\n", file, line, what.c_str());
-  std::fflush(stdout);
-}
-
-template <typename T>
-std::string to_text(const T& v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
-}
-
-#define CHECK(expr)                                         \
-  do {                                                      \
-    if (!(expr)) report_failure(__FILE__, __LINE__, #expr); \
-  } while (0)
-
-#define CHECK_OP(a, op, b)                                                                                 \
-  do {                                                                                                     \
-    const auto check_a_ = (a);                                                                             \
-    const auto check_b_ = (b);                                                                             \
-    if (!(check_a_ op check_b_))                                                                           \
-      report_failure(__FILE__, __LINE__,                                                                   \
-                     std::string(#a " " #op " " #b " (") + to_text(check_a_) + " vs " + to_text(check_b_) + \
-                         ")");                                                                             \
-  } while (0)
-#define CHECK_EQ(a, b) CHECK_OP(a, ==, b)
-#define CHECK_LT(a, b) CHECK_OP(a, <, b)
-#define CHECK_LE(a, b) CHECK_OP(a, <=, b)
-#define CHECK_GT(a, b) CHECK_OP(a, >, b)
-#define CHECK_GE(a, b) CHECK_OP(a, >=, b)
+using wattscope_test::report_failure;
+using wattscope_test::TestCase;
 
 // ---------------------------------------------------------------------------------------------------------------
 // The fake's control API, resolved from the same path the product opens.
@@ -479,10 +446,6 @@ void test_concurrent_flush_stop_snapshot() {
   for (std::size_t i = 0; i < snap.start_ns.size(); ++i) CHECK_LE(snap.start_ns[i], snap.end_ns[i]);
 }
 
-struct TestCase {
-  const char* name;
-  void (*fn)();
-};
 
 const TestCase kTests[] = {
     {"open_reports_version_and_path", test_open_reports_version_and_path},
@@ -511,24 +474,5 @@ int main(int argc, char** argv) {
   }
   if (!load_fake(argv[1])) return 2;
   unsetenv("WATTSCOPE_CUPTI_PATH");
-  int passed = 0;
-  int failed = 0;
-  for (const TestCase& tc : kTests) {
-    const int before = g_failed_checks.load();
-    const int64_t t0 = mono_now_ns();
-    fake.reset();
-    try {
-      tc.fn();
-    } catch (const std::exception& e) {
-      report_failure(__FILE__, __LINE__, std::string(tc.name) + ": unexpected exception: " + e.what());
-    } catch (...) {
-      report_failure(__FILE__, __LINE__, std::string(tc.name) + ": unexpected non-std exception");
-    }
-    const bool ok = g_failed_checks.load() == before;
-    (ok ? passed : failed) += 1;
-    std::printf("%s %s (%.0f ms)\n", ok ? "PASS" : "FAIL", tc.name, static_cast<double>(mono_now_ns() - t0) / 1e6);
-    std::fflush(stdout);
-  }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed > 0 ? 1 : 0;
+  return wattscope_test::run_tests(kTests, [] { fake.reset(); }, [](const char*) {});
 }
