@@ -48,3 +48,31 @@ def _ignore_torch_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     from wattscope import devices
 
     monkeypatch.setattr(devices, "_torch_uuids", lambda: None)
+
+
+def open_fake_cupti():
+    """The bundled fake CUPTI as a ctypes library with its control API typed, or a skip: when the build has no fake,
+    or when a real libcupti is already in this process (a CUDA build of torch loads one), which wattscope would reuse
+    instead of the fake."""
+    import ctypes
+    from pathlib import Path
+
+    from wattscope import _core
+
+    path = Path(_core.__file__).with_name("libwattscope_fake_cupti.so")
+    if not path.exists():
+        pytest.skip("wattscope was built without the fake CUPTI (WATTSCOPE_FAKE_CUPTI=OFF)")
+    try:
+        ctypes.CDLL("libcupti.so.13", mode=os.RTLD_NOLOAD)
+    except OSError:
+        pass
+    else:
+        pytest.skip("a real libcupti is already loaded in this process; wattscope reuses it, not the fake")
+    lib = ctypes.CDLL(str(path))
+    lib.fake_cupti_inject.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_char_p,
+                                      ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    lib.fake_cupti_fail.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_int]
+    lib.fake_cupti_set_clock.argtypes = [ctypes.c_double, ctypes.c_longlong]
+    lib.fake_cupti_reset()
+    lib.path = path
+    return lib

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from wattscope import MeasurementError, PowerMeter, _core, _session
+from conftest import open_fake_cupti
+from wattscope import MeasurementError, PowerMeter, _session
 from wattscope.kernel_session import KernelTracingUnavailableError
 
 pd = pytest.importorskip("pandas")
@@ -23,27 +22,8 @@ MS = 1_000_000
 
 @pytest.fixture
 def cupti(fake, monkeypatch: pytest.MonkeyPatch):
-    path = Path(_core.__file__).with_name("libwattscope_fake_cupti.so")
-    if not path.exists():
-        pytest.skip("wattscope was built without the fake CUPTI (WATTSCOPE_FAKE_CUPTI=OFF)")
-    try:  # a real libcupti already in the process is reused by the loader, never the fake
-        ctypes.CDLL("libcupti.so.13", mode=os.RTLD_NOLOAD)
-        pytest.skip("a real libcupti is already loaded in this process")
-    except OSError:
-        pass
-    monkeypatch.setenv("WATTSCOPE_CUPTI_PATH", str(path))
-    lib = ctypes.CDLL(str(path))
-    lib.fake_cupti_inject.argtypes = [
-        ctypes.c_uint,
-        ctypes.c_uint,
-        ctypes.c_uint,
-        ctypes.c_char_p,
-        ctypes.c_longlong,
-        ctypes.c_longlong,
-        ctypes.c_uint,
-    ]
-    lib.fake_cupti_fail.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_int]
-    lib.fake_cupti_reset()
+    lib = open_fake_cupti()
+    monkeypatch.setenv("WATTSCOPE_CUPTI_PATH", str(lib.path))
     yield lib
     _session.reset()
     lib.fake_cupti_reset()

@@ -7,13 +7,12 @@ counted, and CUPTI errors become WattscopeError.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import open_fake_cupti
 from wattscope import _core
 from wattscope.errors import WattscopeError
 
@@ -22,40 +21,11 @@ KIND_MEMCPY = 1
 CUPTI_ERROR_INSUFFICIENT_PRIVILEGES = 35
 
 
-def _fake_cupti_path() -> Path:
-    path = Path(_core.__file__).with_name("libwattscope_fake_cupti.so")
-    if not path.exists():
-        pytest.skip("wattscope was built without the fake CUPTI (WATTSCOPE_FAKE_CUPTI=OFF)")
-    return path
-
-
-def _skip_if_real_cupti_loaded() -> None:
-    # A real libcupti already in the process (a CUDA build of torch loads one) is reused, never the fake.
-    try:
-        ctypes.CDLL("libcupti.so.13", mode=os.RTLD_NOLOAD)
-    except OSError:
-        return
-    pytest.skip("a real libcupti is already loaded in this process; wattscope reuses it, not the fake")
-
-
 @pytest.fixture
 def fake_cupti(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("WATTSCOPE_CUPTI_PATH", raising=False)
-    path = _fake_cupti_path()
-    lib = ctypes.CDLL(str(path))
-    lib.fake_cupti_inject.argtypes = [
-        ctypes.c_uint,
-        ctypes.c_uint,
-        ctypes.c_uint,
-        ctypes.c_char_p,
-        ctypes.c_longlong,
-        ctypes.c_longlong,
-        ctypes.c_uint,
-    ]
-    lib.fake_cupti_fail.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_int]
-    lib.fake_cupti_set_clock.argtypes = [ctypes.c_double, ctypes.c_longlong]
-    lib.fake_cupti_reset()
-    _skip_if_real_cupti_loaded()
+    lib = open_fake_cupti()
+    path = lib.path
     cupti = _core.Cupti(str(path), [])
     if Path(cupti.path).resolve() != path.resolve():
         pytest.skip(f"a real libcupti is already loaded in this process ({cupti.path}); it is reused, not the fake")
@@ -135,8 +105,7 @@ def test_bad_options_rejected(fake_cupti) -> None:
 
 
 def test_missing_library_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    _fake_cupti_path()
-    _skip_if_real_cupti_loaded()
+    open_fake_cupti()
     with pytest.raises(WattscopeError, match="WATTSCOPE_CUPTI_PATH") as info:
         _core.Cupti("/nonexistent/libcupti.so.13", [])
     assert info.value.call == "dlopen"
