@@ -345,3 +345,22 @@ def test_gpu_lost_before_any_reading_of_the_window_warns_with_nan(fake):
     with pytest.warns(MeasurementWarning, match="lost|GPU"):
         r = meter.result
     assert r.errors and np.isnan(r.energy_j) and r.coverage == 0.0
+
+
+def test_short_windows_do_not_flood_the_counter(fake):
+    """Each window edge asks for a counter reading (~4 ms on H100), but at most once per ~100 ms counter update."""
+    meter = PowerMeter(0)
+
+    @meter
+    def tiny() -> None:
+        pass
+
+    before = fake.call_count("nvmlDeviceGetTotalEnergyConsumption")
+    t0 = time.monotonic()
+    for _ in range(300):
+        tiny()
+    elapsed_s = time.monotonic() - t0
+    time.sleep(0.05)
+    reads = fake.call_count("nvmlDeviceGetTotalEnergyConsumption") - before
+    # One request per 100 ms, plus the fixture's 100 ms periodic poll, plus slack for a read in flight.
+    assert reads <= 2 * (elapsed_s / 0.1 + 1) + 2, (reads, elapsed_s)

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -126,7 +127,7 @@ class PowerMeter:
         self._start_ns = _session.core().mono_ns()
         # The counter is read every few seconds only (4 ms a call on H100): a reading at each edge, taken by the
         # thread, keeps the cross-check tight without putting that call on this path.
-        self._session.sampler().request_counter()
+        _request_counter(self._session.sampler())
         return self
 
     def stop(self) -> PowerMeter:
@@ -142,7 +143,7 @@ class PowerMeter:
                 tracer, self._kernel_tracer = self._kernel_tracer, None
                 self._kernel_capture = kernel_session.close_tracer(self._session, tracer, self._start_ns, self._stop_ns)
             # -- end kernel tracing --
-            self._session.sampler().request_counter()
+            _request_counter(self._session.sampler())
             self._session.sampler().release()
         return self
 
@@ -327,6 +328,21 @@ class PowerMeter:
                 raise err
             warnings.warn("; ".join(errors), MeasurementWarning, stacklevel=3)
         return m
+
+
+# The counter itself updates every ~100 ms, so reading it more often adds nothing, while each read costs the sampler
+# thread ~4 ms on H100: a decorator timing thousands of short calls a second would keep it busy reading.
+_COUNTER_REQUEST_MIN_NS = 100_000_000
+_last_counter_request_ns = -_COUNTER_REQUEST_MIN_NS
+
+
+def _request_counter(sampler: Any) -> None:
+    """Ask the sampler thread for an energy-counter reading now, at most once per counter update period."""
+    global _last_counter_request_ns
+    now_ns = time.monotonic_ns()
+    if now_ns - _last_counter_request_ns >= _COUNTER_REQUEST_MIN_NS:
+        _last_counter_request_ns = now_ns
+        sampler.request_counter()
 
 
 def _models(gpu_name: str, driver: str) -> dict[str, SensorModel]:
