@@ -673,39 +673,13 @@ def _store(
             )
         )
         return outcome
-    r = outcome
-    store.add_result(
-        ResultRow(
-            run_id=run_id,
-            unit_key=unit.key,
-            architecture=unit.architecture,
-            img_size=c.img_size,
-            config=c,
-            gpu_uuid=gpu.uuid,
-            gpu_name=gpu.name,
-            energy_per_image_j=r.energy_per_image_j,
-            energy_per_image_above_idle_j=r.energy_per_image_above_idle_j,
-            energy_per_image_ci95_j=r.energy_per_image_ci95_j,
-            images_per_s=r.images_per_s,
-            latency_per_batch_ms=r.latency_per_batch_ms,
-            mean_power_w=r.mean_power_w,
-            idle_power_w=r.idle_power_w,
-            peak_power_w=r.peak_power_w,
-            peak_memory_bytes=r.peak_memory_bytes,
-            sm_clock_mhz=r.sm_clock_mhz,
-            temperature_c=r.temperature_c,
-            sensor_source=r.sensor_source,
-            sensor_profile=r.sensor_profile,
-            n_trials=r.n_trials,
-            window_s=r.window_s,
-            warmup_s=r.warmup_s,
-            measure_s=r.measure_s,
-            wall_s=r.wall_s,
-            energy_uncertainty_j=r.energy_uncertainty_j,
-            coverage=r.coverage,
-            measured_utc=_utc_now(),
-        )
-    )
+    where = dict(run_id=run_id, unit_key=unit.key, architecture=unit.architecture, img_size=c.img_size, config=c,
+                 gpu_uuid=gpu.uuid, gpu_name=gpu.name, measured_utc=_utc_now())
+    # Every measured figure is a field of the same name on both sides: copy them all, so a field added to the
+    # measurement and the store is never forgotten here.
+    measured = {f.name: getattr(outcome, f.name) for f in dataclasses.fields(ResultRow)
+                if f.name not in where and hasattr(outcome, f.name)}
+    store.add_result(ResultRow(**where, **measured))
     return outcome
 
 
