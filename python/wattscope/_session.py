@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from .errors import NVML_PATH_ENV, WattscopeError
@@ -30,6 +31,12 @@ def core() -> Any:
             "with a C++17 compiler, or from a wheel for this platform."
         ) from e
     return _core
+
+
+def native_file(relative: str) -> Path:
+    """A file installed with the compiled module (the fake NVML, the calibration fatbin). An editable install keeps
+    these beside _core, apart from the Python sources, so they are found relative to _core, not to this file."""
+    return Path(core().__file__).parent / relative
 
 
 class Session:

@@ -30,10 +30,9 @@ NOT_SUPPORTED = 3
 
 def fake_nvml_path() -> Path:
     """Path of the fake NVML library built with the package."""
-    # Installed beside the compiled module, which an editable install keeps apart from the Python sources.
-    from . import _core
+    from ._session import native_file
 
-    path = Path(_core.__file__).with_name("libwattscope_fake_nvml.so")
+    path = native_file("libwattscope_fake_nvml.so")
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: the package was built without the fake NVML (CMake option WATTSCOPE_FAKE_NVML=ON)"

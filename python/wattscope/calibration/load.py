@@ -411,16 +411,13 @@ def _import_cuda() -> tuple[Any, Any]:
 
 
 def _find_fatbin() -> Path | None:
-    # An editable install keeps compiled artefacts beside _core, apart from the Python sources.
-    here = Path(__file__).with_name(_FATBIN)
-    if here.exists():
-        return here
+    from .._session import native_file
+
     try:
-        from .. import _core
-    except ImportError:
+        path = native_file(f"calibration/{_FATBIN}")
+    except WattscopeError:  # the compiled module is missing: nothing was built beside it either
         return None
-    beside = Path(_core.__file__).parent / "calibration" / _FATBIN
-    return beside if beside.exists() else None
+    return path if path.exists() else None
 
 
 class FakeLoad:
