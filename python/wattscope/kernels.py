@@ -67,7 +67,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import energy
-from .response import Response, Schedule
+from .response import Response, Schedule, stamp_shift_ns
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -324,7 +324,7 @@ def attribute(
         raise ValueError("need at least two power readings (their spacing is the sample period)")
 
     period_ns = max(1, round(float(np.median(np.diff(t)))))
-    shift_ns = 0 if response is None else int(round(response.group_delay_ns() - period_ns / 2))
+    shift_ns = stamp_shift_ns(response, period_ns)
     ts = t - shift_ns
     # The sensor's memory sizes energy.py's response term, as SensorModel.memory_ns does for the meter.
     memory_ns = 0 if response is None else int(response.shape_ns / (1 if response.kind == "lowpass" else 2))

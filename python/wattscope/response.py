@@ -82,6 +82,18 @@ class Response:
         return f"{self.kind} {name} {self.shape_ns / 1e6:.3g} ms, delay {self.delay_ns / 1e6:.3g} ms"
 
 
+def stamp_shift_ns(response: Response | None, sample_period_ns: float, *, polled: bool = False) -> int:
+    """How far to move reading stamps back before integrating them as "each reading covers the interval since the
+    previous one" (energy.py): the response's group delay minus the half period by which that interval's centre
+    already precedes the stamp. ``polled``: readings stamped when wattscope read them (the instant and average
+    fields) lag their value's change by half a polling period on average, which cancels that half period.
+    0 without a response."""
+    if response is None:
+        return 0
+    half_period_ns = 0.0 if polled else sample_period_ns / 2
+    return int(round(response.group_delay_ns() - half_period_ns))
+
+
 def _as_busy(busy_ns: ArrayLike) -> np.ndarray:
     busy = np.asarray(busy_ns)
     if busy.size == 0:

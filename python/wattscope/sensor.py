@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .response import Response
+from .response import Response, stamp_shift_ns
 from .sensor_profile import cache_dir, load_profile, profile_path
 
 
@@ -38,15 +38,9 @@ class SensorModel:
         return int(self.response.memory_ns()) if self.response is not None else 0
 
     def shift_ns(self, sample_period_ns: float, *, polled: bool = False) -> int:
-        """Move stamps back by this many ns before integrating readings spaced by ``sample_period_ns``.
-
-        ``polled``: the readings are stamped when wattscope read them (the instant and average fields), on average
-        half a polling period after the sensor's value changed; that lag cancels the half period the estimator's
-        interval centre already sits before the stamp."""
-        if self.response is None:
-            return 0
-        half_period_ns = 0.0 if polled else sample_period_ns / 2
-        return int(round(self.response.group_delay_ns() - half_period_ns))
+        """Move stamps back by this many ns before integrating readings spaced by ``sample_period_ns`` (see
+        wattscope.response.stamp_shift_ns)."""
+        return stamp_shift_ns(self.response, sample_period_ns, polled=polled)
 
 
 _FAMILY_DEFAULTS: tuple[tuple[str, str], ...] = (
