@@ -7,6 +7,7 @@
 #include "numpy_owned.hpp"
 #include "wattscope/cupti_library.hpp"
 #include "wattscope/kernel_tracer.hpp"
+#include "wattscope/sampler.hpp"
 
 namespace py = pybind11;
 
@@ -71,9 +72,10 @@ void register_tracer(py::module_& m) {
       .def_property_readonly("reused", &CuptiLibrary::reused)
       .def_property_readonly("version", &CuptiLibrary::version);
 
-  py::class_<KernelTracer>(m, "KernelTracer")
+  // Held by shared_ptr so that the sampler's flush chore can refer to a tracer weakly (set_tracer_flush).
+  py::class_<KernelTracer, std::shared_ptr<KernelTracer>>(m, "KernelTracer")
       .def(py::init([](std::shared_ptr<CuptiLibrary> cupti, const py::kwargs& kw) {
-             return std::make_unique<KernelTracer>(std::move(cupti), tracer_config_from_kwargs(kw));
+             return std::make_shared<KernelTracer>(std::move(cupti), tracer_config_from_kwargs(kw));
            }),
            py::arg("cupti"))
       .def("start", &KernelTracer::start, py::call_guard<py::gil_scoped_release>())
@@ -117,6 +119,27 @@ void register_tracer(py::module_& m) {
         d["failures_dropped"] = st.failures_dropped;
         return d;
       });
+
+  m.def(
+      "set_tracer_flush",
+      [](Sampler& sampler, std::shared_ptr<KernelTracer> tracer, double period_s) {
+        if (!tracer) {
+          sampler.set_chore(nullptr, 0);
+          return;
+        }
+        if (!(period_s > 0)) throw py::value_error("period_s must be positive");
+        // Weak: the sampler must not keep a stopped tracer (and its CUPTI state) alive; flush() on a stopped
+        // tracer is a no-op, and a tracer destroyed meanwhile is skipped.
+        std::weak_ptr<KernelTracer> weak = tracer;
+        sampler.set_chore(
+            [weak] {
+              if (auto t = weak.lock()) t->flush(false);
+            },
+            static_cast<int64_t>(period_s * 1e9));
+      },
+      py::arg("sampler"), py::arg("tracer"), py::arg("period_s") = 0.25,
+      "Have the sampler thread flush the tracer's CUPTI buffers every period_s (None: stop), so a long window "
+      "never runs out of buffers.");
 }
 
 }  // namespace wattscope::bindings

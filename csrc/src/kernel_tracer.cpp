@@ -365,6 +365,10 @@ void KernelTracer::start() {
   const CuptiSymbols& sym = cupti_->sym();
   try {
     cupti_->check("cuptiActivityRegisterCallbacks", sym.register_callbacks(on_buffer_request, on_buffer_complete));
+    // A client before us (torch.profiler's Kineto) may have left a buffer inside CUPTI and freed it: enabling now
+    // would make CUPTI write our records into freed memory. A forced flush hands every such buffer to our complete
+    // callback, which ignores buffers it did not hand out, so CUPTI lets go of them first.
+    cupti_->check("cuptiActivityFlushAll", sym.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED));
     std::vector<uint32_t> kinds{CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL};
     if (config_.memcpy) kinds.push_back(CUPTI_ACTIVITY_KIND_MEMCPY);
     if (config_.memset) kinds.push_back(CUPTI_ACTIVITY_KIND_MEMSET);

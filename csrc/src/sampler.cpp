@@ -137,6 +137,9 @@ struct Sampler::Impl {
   std::vector<NvmlFailure> failures;
   SamplerStats stats;
   RealtimeOffset offset;  // written by the thread (and the constructor), read under mu
+  std::function<void()> chore;  // set_chore(); copied under mu, run without it
+  int64_t chore_period_ns = 0;
+  int64_t chore_due_ns = 0;
 
   // The sampler thread's scratch for one tick.
   std::vector<std::shared_ptr<DeviceState>> polled;
@@ -351,6 +354,11 @@ void Sampler::Impl::run() {
     polled.clear();
     for (const auto& dev : devices)
       if (!dev->lost) polled.push_back(dev);
+    std::function<void()> chore_now;
+    if (chore && now_ns >= chore_due_ns) {
+      chore_now = chore;
+      chore_due_ns = now_ns + chore_period_ns;
+    }
     lk.unlock();
 
     uint64_t drains = 0;
@@ -383,6 +391,11 @@ void Sampler::Impl::run() {
       }
     }
 
+    if (chore_now) {
+      chore_now();
+      chore_now = nullptr;  // released before the lock: the chore may own the last reference to what it calls
+    }
+
     const int64_t cpu_ns = thread_cpu_ns();
     lk.lock();
     publish_locked();
@@ -398,8 +411,11 @@ void Sampler::Impl::run() {
     for (int task = 0; task < kTaskCount; ++task)
       if (enabled[task]) wake_ns = std::min(wake_ns, due_ns[task]);
     if (holds == 0) wake_ns = std::min(wake_ns, last_release_ns + config.linger_ns + 1);
+    if (chore) wake_ns = std::min(wake_ns, chore_due_ns);
     wake_cv.wait_until(lk, to_steady(wake_ns),
-                       [this] { return stop_requested || drain_requested || energy_requested; });
+                       [this] {
+                         return stop_requested || drain_requested || energy_requested || (chore && chore_due_ns == 0);
+                       });
   }
   running = false;
   stats.thread_cpu_ns = cpu_before_ns + (thread_cpu_ns() - cpu_start_ns);
@@ -515,6 +531,16 @@ int Sampler::add_device(unsigned int nvml_index) {
   impl_->drain_requested = true;
   impl_->wake_cv.notify_all();
   return slot;
+}
+
+void Sampler::set_chore(std::function<void()> chore, int64_t period_ns) {
+  check_owner();
+  if (chore && period_ns <= 0) throw std::invalid_argument("Sampler::set_chore: period_ns must be positive");
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  impl_->chore = std::move(chore);
+  impl_->chore_period_ns = period_ns;
+  impl_->chore_due_ns = 0;  // due at the next tick
+  impl_->wake_cv.notify_all();
 }
 
 int Sampler::device_count() const {

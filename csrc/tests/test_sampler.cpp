@@ -1030,6 +1030,48 @@ void test_realtime_step_back_resyncs() {
 // ---------------------------------------------------------------------------------------------------------------
 
 
+// The chore (the kernel tracer's periodic flush) runs on the sampler thread at its period, starts at once when set,
+// and never runs again once removed, even while the thread keeps ticking.
+void test_chore_runs_on_the_thread_until_removed() {
+  fake.reset(1);
+  set_constant_w(0, 100.0);
+  auto lib = open_fake();
+  Sampler s(lib, pinned_config());
+  s.add_device(0);
+  s.acquire();
+  std::atomic<int> runs{0};
+  std::atomic<bool> off_thread{false};
+  const std::thread::id caller = std::this_thread::get_id();
+  const int64_t set_ns = mono_now_ns();
+  std::atomic<int64_t> first_ns{0};
+  s.set_chore(
+      [&] {
+        if (std::this_thread::get_id() == caller) off_thread = true;
+        int64_t expected = 0;
+        first_ns.compare_exchange_strong(expected, mono_now_ns());
+        runs.fetch_add(1);
+      },
+      50 * kMs);
+  sleep_ms(525);
+  const int n = runs.load();
+  CHECK_GE(n, 9);   // 0, 50, ..., 500 ms: 11 runs, less a tick or two of scheduling slack
+  CHECK_LE(n, 12);
+  CHECK(!off_thread.load());
+  CHECK_LE(first_ns.load() - set_ns, 20 * kMs);  // not left until the next scheduled tick
+  s.set_chore(nullptr, 0);
+  const int after_removal = runs.load();
+  sleep_ms(200);
+  CHECK_EQ(runs.load(), after_removal);
+  bool threw = false;
+  try {
+    s.set_chore([] {}, 0);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw);
+  s.release();
+}
+
 const TestCase kTests[] = {
     {"library_open_balances_init", test_library_open_balances_init},
     {"init_failure_throws_code", test_init_failure_throws_code},
@@ -1055,6 +1097,7 @@ const TestCase kTests[] = {
     {"tick_publishes_at_once", test_tick_publishes_at_once},
     {"fork_during_caller_nvml_calls", test_fork_during_caller_nvml_calls},
     {"realtime_step_back_resyncs", test_realtime_step_back_resyncs},
+    {"chore_runs_on_the_thread_until_removed", test_chore_runs_on_the_thread_until_removed},
 };
 
 }  // namespace

@@ -53,6 +53,9 @@ struct FakeControl {
   decltype(&fake_cupti_dropped_total) dropped_total = nullptr;
   decltype(&fake_cupti_set_version) set_version = nullptr;
   cuptiActivityFlushAll_fn flush_all = nullptr;  // CUPTI itself, to return buffers behind the product's back
+  cuptiActivityRegisterCallbacks_fn register_callbacks = nullptr;  // to play another CUPTI client (Kineto)
+  cuptiActivityEnable_fn enable = nullptr;
+  cuptiActivityDisable_fn disable = nullptr;
 };
 
 FakeControl fake;
@@ -84,6 +87,9 @@ bool load_fake(const std::string& path) {
   ok &= resolve(dl, "fake_cupti_dropped_total", fake.dropped_total);
   ok &= resolve(dl, "fake_cupti_set_version", fake.set_version);
   ok &= resolve(dl, "cuptiActivityFlushAll", fake.flush_all);
+  ok &= resolve(dl, "cuptiActivityRegisterCallbacks", fake.register_callbacks);
+  ok &= resolve(dl, "cuptiActivityEnable", fake.enable);
+  ok &= resolve(dl, "cuptiActivityDisable", fake.disable);
   return ok;
 }
 
@@ -214,7 +220,7 @@ void test_stamps_mapped_without_flush_until_stop() {
   std::vector<Injected> expected{inject_kernel_now("k", 1, 1)};
   t.stop();  // the forced flush delivers it
   check_records(t.snapshot(), expected);
-  CHECK_EQ(fake.call_count("cuptiActivityFlushAll"), 1ull);
+  CHECK_EQ(fake.call_count("cuptiActivityFlushAll"), 2ull);  // one at start (foreign buffers), one at stop
 }
 
 void test_clock_switch_mid_run_refits() {
@@ -447,7 +453,40 @@ void test_concurrent_flush_stop_snapshot() {
 }
 
 
+
+// Another client (Kineto) stops without a forced flush and frees the buffer CUPTI still holds: our start must make
+// CUPTI hand it back (to our callback, which must not touch it) before any record of ours can be written there.
+alignas(8) uint8_t g_foreign_buffer[4096];
+int g_foreign_completions = 0;
+
+void foreign_request(uint8_t** buffer, size_t* size, size_t* max_records) {
+  *buffer = g_foreign_buffer;
+  *size = sizeof g_foreign_buffer;
+  *max_records = 0;
+}
+
+void foreign_complete(CUcontext, uint32_t, uint8_t*, size_t, size_t) { g_foreign_completions += 1; }
+
+void test_start_reclaims_a_buffer_another_client_left_in_cupti() {
+  g_foreign_completions = 0;
+  CHECK_EQ(fake.register_callbacks(foreign_request, foreign_complete), CUPTI_SUCCESS);
+  CHECK_EQ(fake.enable(kKernel), CUPTI_SUCCESS);
+  inject_kernel_now("foreign_kernel", 3, 1);
+  CHECK_EQ(fake.disable(kKernel), CUPTI_SUCCESS);
+  CHECK_EQ(fake.buffers_held(), 1u);  // the other client went away without taking it back
+  KernelTracer t(open_fake(), TracerConfig{});
+  t.start();
+  CHECK_EQ(fake.buffers_held(), 0u);  // handed to our callback before our kinds were enabled
+  CHECK_EQ(g_foreign_completions, 0);
+  const Injected ours = inject_kernel_now("our_kernel", 7, 2);
+  CHECK(t.flush());
+  check_records(t.snapshot(), {ours});  // the foreign record was not parsed as ours
+  t.stop();
+  CHECK_EQ(t.stats().buffers_outstanding, 0u);
+}
+
 const TestCase kTests[] = {
+    {"start_reclaims_a_buffer_another_client_left_in_cupti", test_start_reclaims_a_buffer_another_client_left_in_cupti},
     {"open_reports_version_and_path", test_open_reports_version_and_path},
     {"open_missing_library", test_open_missing_library},
     {"open_version_failure", test_open_version_failure},

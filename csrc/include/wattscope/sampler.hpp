@@ -13,6 +13,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -118,6 +119,11 @@ class Sampler {
   // covered. `series` < 0 waits for each device's best power source, else for that Series where supported.
   // Call without the GIL.
   bool wait_covered(int64_t t_ns, int64_t timeout_ns, int series = -1);
+  // Runs `chore` on the sampler thread every period_ns (and once more at each tick after it is set), with no lock
+  // held, after the tick's NVML calls; an empty function removes it. One chore at a time: the kernel tracer's
+  // periodic flush, which must not run on an application thread (CUPTI's buffer callbacks run inside it) nor need
+  // a thread of its own. The chore must not throw and must not call back into this Sampler.
+  void set_chore(std::function<void()> chore, int64_t period_ns);
 
   DeviceSnapshot snapshot(int slot, int64_t from_ns, int64_t to_ns) const;
   std::vector<NvmlFailure> failures() const;
