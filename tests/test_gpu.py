@@ -53,3 +53,43 @@ def test_cuda_index_maps_to_torch_uuid():
     gpu = wattscope.list_gpus()
     uuid0 = "gpu-" + str(torch.cuda.get_device_properties(0).uuid).lower()
     assert [g.uuid.lower() for g in gpu if g.cuda_index == 0] == [uuid0]
+
+
+def _matmuls(torch, a, n: int) -> None:
+    for _ in range(n):
+        a @ a
+    torch.cuda.synchronize()
+
+
+def test_kernel_meter_traces_real_kernels_and_rows_add_up():
+    torch = pytest.importorskip("torch")
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    _matmuls(torch, a, 5)
+    with PowerMeter(0, kernels=True) as m:
+        _matmuls(torch, a, 200)
+    table = m.kernels
+    timeline = m.kernel_attribution().timeline
+    assert (timeline.kind == "kernel").sum() >= 200 and timeline.dropped == 0
+    assert table["energy_j"].sum() == pytest.approx(m.result.energy_j, rel=1e-6)
+
+
+def test_torch_profiler_inside_a_kernel_window_keeps_its_events_and_tracing_resumes():
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    _matmuls(torch, a, 5)
+    with PowerMeter(0, kernels=True) as m:
+        _matmuls(torch, a, 100)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            _matmuls(torch, a, 100)
+        _matmuls(torch, a, 100)
+    gpu_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(gpu_events) >= 100  # the user's profiler saw its kernels
+    att = m.kernel_attribution(method="overlap")
+    n_kernels = int((att.timeline.kind == "kernel").sum())
+    assert 200 <= n_kernels < 300  # before and after, not during
+    assert "[untraced]" in set(att.table["name"])
+    with PowerMeter(0, kernels=True) as after:
+        _matmuls(torch, a, 50)
+    assert int((after.kernel_attribution().timeline.kind == "kernel").sum()) >= 50

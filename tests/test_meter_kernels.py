@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import open_fake_cupti
+
 from wattscope import MeasurementError, PowerMeter, _session
 from wattscope.kernel_session import KernelTracingUnavailableError
 
@@ -75,6 +76,20 @@ def test_rows_add_up_to_the_window_energy_and_separate_the_classes(fake, cupti) 
     assert by_name["[memcpy]"].calls == 1
 
 
+def test_default_method_falls_back_to_overlap_in_a_window_too_short_to_fit(fake, cupti) -> None:
+    fake.set_trace(0, [0.0], [100.0])
+    with PowerMeter(0, kernels=True) as m:
+        t0_ns = time.monotonic_ns()
+        _inject(cupti, b"short", t0_ns, t0_ns + 2 * MS)
+        time.sleep(0.004)  # a few ms: no reading lands inside [start + delay + tau, stop + delay]
+    att = m.kernel_attribution()
+    assert att.method == "overlap"
+    assert any("method 'overlap' chosen" in n and "too short" in n for n in att.notes)
+    assert m.kernels["energy_j"].sum() == pytest.approx(m.result.energy_j, rel=1e-9, abs=1e-9)
+    with pytest.raises(ValueError, match="too short"):  # asked for by name, the model says why it cannot
+        m.kernel_attribution(method="model")
+
+
 def test_save_trace_writes_loadable_json(fake, cupti, tmp_path: Path) -> None:
     m, _ = _square_wave_with_kernels(fake, cupti)
     path = m.save_trace(tmp_path / "trace.json")
@@ -98,6 +113,22 @@ def test_dropped_records_surface(fake, cupti) -> None:
     assert table.attrs["dropped"] == 6
     assert any("dropped 6" in n for n in table.attrs["notes"])
     assert table.set_index("name").loc["k", "calls"] == 4
+
+
+def test_sampler_thread_flushes_so_a_long_window_never_runs_out_of_buffers(fake, cupti) -> None:
+    fake.set_trace(0, [0.0], [200.0])
+    # Two buffers of 4 records: without a flush between them, 8 records fit and the other 12 would be dropped.
+    _session.current().kernel_tracing().configure(buffer_bytes=1024, buffer_count=2)
+    with PowerMeter(0, kernels=True) as m:
+        for burst in range(5):
+            time.sleep(0.35)  # more than the 0.25 s flush period
+            now_ns = time.monotonic_ns()
+            for i in range(4):
+                cupti.fake_cupti_inject(KIND_KERNEL, 0, 1, b"k", now_ns - 20 * MS + i * MS, now_ns - 19 * MS + i * MS,
+                                        4 * burst + i)
+    table = m.kernel_attribution(method="overlap").table
+    assert table.attrs["dropped"] == 0
+    assert table.set_index("name").loc["k", "calls"] == 20
 
 
 def test_missing_cupti_raises_and_auto_falls_back(fake, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,3 +187,58 @@ def test_plot_writes_a_png(fake, cupti, tmp_path: Path) -> None:
     m, _ = _square_wave_with_kernels(fake, cupti)
     path = m.plot(tmp_path / "kernels.png")
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_profiler_inside_a_kernel_window_gets_cupti_and_the_window_says_so(fake, cupti) -> None:
+    torch = pytest.importorskip("torch")
+    fake.set_trace(0, [0.0], [200.0])
+    with PowerMeter(0, kernels=True) as m:
+        t0 = time.monotonic_ns()
+        _inject(cupti, b"before_profiler", t0, t0 + 20 * MS)
+        time.sleep(0.05)
+        tracing = _session.current().kernel_tracing()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+            p0 = time.monotonic_ns()
+            assert tracing._active is None  # stepped aside: our callbacks are not CUPTI's while it runs
+            time.sleep(0.15)
+            p1 = time.monotonic_ns()
+        assert tracing._active is not None and len(tracing._segments) == 2  # recording again, a new segment
+        t2 = time.monotonic_ns()
+        _inject(cupti, b"after_profiler", t2, t2 + 20 * MS)
+        time.sleep(0.05)
+    rows = m.kernel_attribution(method="overlap").table.set_index("name")
+    assert {"before_profiler", "after_profiler", "[untraced]"} <= set(rows.index)
+    untraced_s = rows.loc["[untraced]", "time_s"]
+    assert (p1 - p0) / 1e9 <= untraced_s <= (p1 - p0) / 1e9 + 0.05
+    assert rows["energy_j"].sum() == pytest.approx(m.result.energy_j, rel=1e-9)
+    assert any("not traced" in n and "torch.profiler" in n for n in m.kernel_attribution(method="overlap").notes)
+
+
+def test_kernel_meter_opened_while_torch_profiler_runs_traces_only_after_it(fake, cupti) -> None:
+    torch = pytest.importorskip("torch")
+    fake.set_trace(0, [0.0], [200.0])
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    prof.__enter__()
+    try:
+        m = PowerMeter(0, kernels=True).start()
+        assert _session.current().kernel_tracing()._active is None  # the profiler keeps CUPTI
+        time.sleep(0.1)
+    finally:
+        prof.__exit__(None, None, None)
+    t = time.monotonic_ns()
+    _inject(cupti, b"after", t, t + 20 * MS)
+    time.sleep(0.05)
+    m.stop()
+    rows = m.kernel_attribution(method="overlap").table.set_index("name")
+    assert {"after", "[untraced]"} <= set(rows.index)
+    assert rows.loc["[untraced]", "time_s"] >= 0.1
+
+
+def test_an_injected_cuda_tool_turns_kernel_tracing_off_with_a_warning(fake, cupti, monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_INJECTION64_PATH", "/opt/nsight/libToolsInjection64.so")
+    fake.set_trace(0, [0.0], [200.0])
+    with pytest.warns(UserWarning, match="Nsight"), PowerMeter(0, kernels=True) as m:
+        time.sleep(0.05)
+    assert m.result.energy_j > 0
+    with pytest.raises(MeasurementError, match="injected"):
+        m.kernel_attribution()

@@ -39,9 +39,9 @@ def _profile(delay_ns: float, width_ns: float = 20e6) -> SensorProfile:
 def test_defaults_by_family():
     h100 = sensor.default_sensor_model("NVIDIA H100 80GB HBM3")
     assert h100.response is not None and h100.response.kind == "lowpass"
-    assert h100.memory_ns == 11_500_000
-    # A 20 ms reading of an 11.5 ms low-pass with no delay is centred 11.5 ms back, the interval's centre 10 ms back.
-    assert h100.shift_ns(20e6) == 1_500_000
+    assert h100.memory_ns == 12_900_000
+    # A 20 ms reading of a 12.9 ms low-pass delayed 3.85 ms is centred 16.75 ms back, the interval's centre 10 ms back.
+    assert h100.shift_ns(20e6) == 6_750_000
     other = sensor.default_sensor_model("Tesla T4")
     assert other.response is None and other.shift_ns(20e6) == 0 and "calibrate" in other.origin
 

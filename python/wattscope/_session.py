@@ -55,7 +55,7 @@ class Session:
 
         with _lock:
             if self._kernel_tracing is None:
-                self._kernel_tracing = KernelTracing(core())
+                self._kernel_tracing = KernelTracing(core(), self.sampler)
             return self._kernel_tracing
     # -- end kernel tracing --
 

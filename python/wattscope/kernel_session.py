@@ -3,25 +3,37 @@
 Like the sampler thread, the tracer is owned by the session and reference-counted: the first meter with kernels
 starts it, the last one to close stops it. Each meter takes its records at its own ``stop`` (after a forced flush, so
 the kernels that ended inside the window are in), which makes nested and concurrent kernel meters independent.
+
+CUPTI has one client at a time. While torch.profiler runs, wattscope steps aside (profiler_guard.py) and the time is
+reported as ``[untraced]``; under Nsight or compute-sanitizer (``CUDA_INJECTION64_PATH`` set) it does not trace at
+all and says so.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import profiler_guard
 from .errors import WattscopeError
-from .kernels import KernelTimeline
+from .kernels import UNTRACED, KernelTimeline
 
 CUPTI_PATH_ENV = "WATTSCOPE_CUPTI_PATH"
+# Set by Nsight Systems, Nsight Compute and compute-sanitizer to load themselves into the process as CUPTI clients.
+_INJECTION_ENV = "CUDA_INJECTION64_PATH"
 # CUPTI_ACTIVITY_KIND_*: the tracer records kernels (3, 10), memcpy (1) and memset (2).
 _KIND_MEMCPY = 1
 _KIND_MEMSET = 2
 # Records just outside the window explain readings near its edges (the model estimator uses them): keep one second.
 _EDGE_NS = 1_000_000_000
+# 8 buffers of 4 MiB hold ~150k records: at 0.25 s a flush, a workload would need 600k kernels/s to run them dry.
+_FLUSH_PERIOD_S = 0.25
 
 
 class KernelTracingUnavailableError(WattscopeError):
@@ -36,62 +48,151 @@ def _unavailable(cause: Exception) -> KernelTracingUnavailableError:
     )
 
 
-class KernelTracing:
-    """The session's tracer: ``acquire`` starts it on first use, ``release`` stops it after the last user."""
+@dataclass(frozen=True, eq=False)
+class Lease:
+    """A meter's hold on the session's tracing, from ``KernelTracing.acquire``; ``run`` tells tracing runs apart
+    (a shutdown ends one), so a lease from before a shutdown releases nothing."""
 
-    def __init__(self, core: Any) -> None:
+    run: int
+
+
+@dataclass(frozen=True, eq=False)
+class KernelCapture:
+    """What a meter recorded: the records around its window (all devices), or why there are none.
+
+    ``untraced`` lists the stretches of the window in which another CUPTI client (torch.profiler) held the activity
+    API, as ``(start_ns, stop_ns, holder)``: kernels ran there unseen, so attribution puts that time in its own
+    ``[untraced]`` row instead of ``[idle]``."""
+
+    timeline: KernelTimeline | None
+    unavailable: str | None = None
+    failures: tuple[str, ...] = ()
+    untraced: tuple[tuple[int, int, str], ...] = ()
+
+
+class KernelTracing:
+    """The session's tracing: ``acquire`` starts it on first use, ``release`` stops it after the last user.
+
+    While torch.profiler holds CUPTI (``profiler_guard`` calls ``suspend``/``resume``) the tracer is stopped and a
+    new one started after; every tracer of the current run is kept as a segment, so a window spanning a profiler
+    session gets the records from before and after it, and the stretch in between as untraced."""
+
+    def __init__(self, core: Any, sampler: Callable[[], Any]) -> None:
         self._core = core
-        self._lock = threading.Lock()
+        self._sampler = sampler  # the session's sampler, whose thread flushes the recording tracer
+        self._lock = threading.RLock()
         self._cupti: Any = None
-        self._tracer: Any = None
-        self._users = 0
         self._options: dict[str, Any] = {}
+        self._users = 0
+        self._run = 0
+        self._active: Any = None  # the recording KernelTracer; None while idle or suspended
+        self._segments: list[Any] = []  # every tracer of this run, stopped ones included (their records stay)
+        self._untraced: list[list[Any]] = []  # [start_ns, stop_ns or None while open, holder]
+        self._held_by: str | None = None  # who holds CUPTI now instead of us
 
     def configure(self, **options: Any) -> None:
         """KernelTracer options (``buffer_bytes``, ``buffer_count``, ``capacity``, ...) for the next start."""
         with self._lock:
             self._options = dict(options)
 
-    def acquire(self) -> Any:
-        """The running tracer (started if needed). Raises KernelTracingUnavailableError."""
+    def acquire(self) -> Lease:
+        """Hold the tracing (started if needed). Raises KernelTracingUnavailableError when CUPTI cannot start."""
+        profiler_guard.watch(self)
         with self._lock:
-            if self._tracer is None:
-                try:
-                    if self._cupti is None:
-                        # An empty path lets the native loader honour WATTSCOPE_CUPTI_PATH, then search.
-                        self._cupti = self._core.Cupti("")
-                    tracer = self._core.KernelTracer(self._cupti, **self._options)
-                    tracer.start()
-                except WattscopeError as e:
-                    raise _unavailable(e) from e
-                # A fresh tracer per run: a stopped one's records must not leak into the next meter's window.
-                self._tracer = tracer
+            if self._users == 0:
+                self._segments, self._untraced = [], []
+                if self._held_by is None and profiler_guard.profiler_active():
+                    self._held_by = profiler_guard.HOLDER  # a profiler that began before we were watching
+                if self._held_by is not None:
+                    self._untraced.append([self._core.mono_ns(), None, self._held_by])
+                else:
+                    self._start()
             self._users += 1
-            return self._tracer
+            return Lease(self._run)
 
-    def release(self, tracer: Any) -> None:
+    def release(self, lease: Lease) -> None:
         with self._lock:
-            if tracer is not self._tracer:
-                return  # a tracer from before a shutdown: already stopped
+            if lease.run != self._run or self._users == 0:
+                return  # a lease from before a shutdown: already stopped
             self._users -= 1
             if self._users == 0:
-                self._tracer = None
-                tracer.stop()
+                self._stop_run()
+
+    def capture(self, lease: Lease, start_ns: int, stop_ns: int) -> KernelCapture:
+        """The records around ``[start_ns, stop_ns]`` from every segment (after a forced flush of the recording
+        one, so the kernels that ended just before stop are in), and the untraced stretches inside it."""
+        with self._lock:
+            if lease.run != self._run:
+                return KernelCapture(None, "kernel tracing was shut down before this window ended")
+            if self._active is not None:
+                # Forced: CUPTI hands over partly filled buffers too.
+                self._active.flush(True)
+            snaps = [t.snapshot() for t in self._segments]
+            failures = tuple(f"{f['call']}: {f['message']} (CUPTI code {f['code']})"
+                             for t in self._segments for f in t.failures())
+            untraced = tuple((max(int(a), start_ns), min(stop_ns if b is None else int(b), stop_ns), holder)
+                             for a, b, holder in self._untraced if a < stop_ns and (b is None or b > start_ns))
+        parts = [timeline_from_snapshot(snap, start_ns, stop_ns) for snap in snaps]
+        return KernelCapture(KernelTimeline.concat(parts), failures=failures, untraced=untraced)
+
+    def suspend(self, holder: str) -> None:
+        """Another client is about to take CUPTI: stop recording (the forced flush in stop returns our buffers
+        while our callbacks are still the registered ones) and mark the time untraced."""
+        with self._lock:
+            if self._held_by is not None:
+                return
+            self._held_by = holder
+            if self._users == 0:
+                return
+            if self._active is not None:
+                self._stop_active()
+            self._untraced.append([self._core.mono_ns(), None, holder])
+
+    def resume(self) -> None:
+        """The other client let CUPTI go: close the untraced stretch and record again."""
+        with self._lock:
+            if self._held_by is None:
+                return
+            self._held_by = None
+            if self._users == 0:
+                return
+            now_ns = self._core.mono_ns()
+            if self._untraced and self._untraced[-1][1] is None:
+                self._untraced[-1][1] = now_ns
+            try:
+                self._start()
+            except KernelTracingUnavailableError as e:
+                self._untraced.append([now_ns, None, f"tracing did not restart after torch.profiler: {e}"])
 
     def shutdown(self) -> None:
         with self._lock:
-            tracer, self._tracer, self._users = self._tracer, None, 0
-        if tracer is not None:
-            tracer.stop()
+            self._stop_run()
+            self._users = 0
 
+    def _start(self) -> None:
+        try:
+            if self._cupti is None:
+                # An empty path lets the native loader honour WATTSCOPE_CUPTI_PATH, then search.
+                self._cupti = self._core.Cupti("")
+            tracer = self._core.KernelTracer(self._cupti, **self._options)
+            tracer.start()
+        except WattscopeError as e:
+            raise _unavailable(e) from e
+        self._active = tracer
+        self._segments.append(tracer)
+        # CUPTI's buffers must come back while a long window runs, or the pool runs dry and records are dropped.
+        self._core.set_tracer_flush(self._sampler(), tracer, _FLUSH_PERIOD_S)
 
-@dataclass(frozen=True, eq=False)
-class KernelCapture:
-    """What a meter recorded: the records around its window (all devices), or why there are none."""
+    def _stop_active(self) -> None:
+        self._core.set_tracer_flush(self._sampler(), None)
+        self._active.stop()
+        self._active = None
 
-    timeline: KernelTimeline | None
-    unavailable: str | None = None
-    failures: tuple[str, ...] = ()
+    def _stop_run(self) -> None:
+        if self._active is not None:
+            self._stop_active()
+        self._segments, self._untraced = [], []
+        self._run += 1
 
 
 def timeline_from_snapshot(snap: dict, start_ns: int, stop_ns: int) -> KernelTimeline:
@@ -119,8 +220,17 @@ def timeline_from_snapshot(snap: dict, start_ns: int, stop_ns: int) -> KernelTim
     )
 
 
-def open_tracer(session: Any, mode: bool | str) -> tuple[Any, KernelCapture | None]:
-    """For a meter's start: the running tracer, or (``mode="auto"`` only) why there is none."""
+def open_tracer(session: Any, mode: bool | str) -> tuple[Lease | None, KernelCapture | None]:
+    """For a meter's start: a lease on the session's tracing, or (``mode="auto"``, or a profiling tool that owns
+    CUPTI) why there is none."""
+    injected = os.environ.get(_INJECTION_ENV)
+    if injected:
+        # Nsight Systems/Compute and compute-sanitizer inject themselves as CUPTI's client: taking the activity API
+        # from them would break the tool the user is running.
+        why = (f"kernel tracing is off: a CUDA tool is injected into this process ({_INJECTION_ENV}={injected}, "
+               "e.g. Nsight or compute-sanitizer) and owns CUPTI; energy is measured without kernels")
+        warnings.warn(why, stacklevel=4)
+        return None, KernelCapture(None, why)
     try:
         return session.kernel_tracing().acquire(), None
     except KernelTracingUnavailableError as e:
@@ -129,16 +239,25 @@ def open_tracer(session: Any, mode: bool | str) -> tuple[Any, KernelCapture | No
         return None, KernelCapture(None, str(e))
 
 
-def close_tracer(session: Any, tracer: Any, start_ns: int, stop_ns: int) -> KernelCapture:
-    """For a meter's stop (after its CUDA sync): flush what CUPTI holds, take the window's records, release."""
+def close_tracer(session: Any, lease: Lease, start_ns: int, stop_ns: int) -> KernelCapture:
+    """For a meter's stop (after its CUDA sync): the window's records, then release the lease."""
+    tracing = session.kernel_tracing()
     try:
-        # Forced: CUPTI hands over partly filled buffers too, so the kernels that ended just before stop are in.
-        tracer.flush(True)
-        snap = tracer.snapshot()
-        failures = tuple(f"{f['call']}: {f['message']} (CUPTI code {f['code']})" for f in tracer.failures())
+        return tracing.capture(lease, start_ns, stop_ns)
     finally:
-        session.kernel_tracing().release(tracer)
-    return KernelCapture(timeline_from_snapshot(snap, start_ns, stop_ns), failures=failures)
+        tracing.release(lease)
+
+
+def _untraced_records(untraced: tuple[tuple[int, int, str], ...], device: int) -> KernelTimeline:
+    n = len(untraced)
+    return KernelTimeline(
+        np.array([a for a, _, _ in untraced], dtype=np.int64),
+        np.array([b for _, b, _ in untraced], dtype=np.int64),
+        np.array([UNTRACED] * n, dtype=object),
+        np.full(n, -1, dtype=np.int64),
+        np.full(n, device, dtype=np.int64),
+        np.array(["untraced"] * n, dtype=object),
+    )
 
 
 def attribute_gpu(
@@ -149,7 +268,7 @@ def attribute_gpu(
     from dataclasses import replace
 
     from .errors import MeasurementError
-    from .kernels import attribute
+    from .kernels import WindowTooShortError, attribute
     from .sensor import sensor_model
 
     if capture is None:
@@ -162,6 +281,7 @@ def attribute_gpu(
         raise MeasurementError("kernel attribution needs power readings; this GPU only offered its energy counter")
     response = sensor_model(gpu.name, driver, gpu.source).response
     notes: tuple[str, ...] = ()
+    chose_default = method is None
     if method is None:
         method = "model" if response is not None else "overlap"
         if response is None:
@@ -170,15 +290,25 @@ def attribute_gpu(
                 "calibrate to enable method='model')",
             )
     # attribute() aligns the stamps itself from the response, so it takes the raw stamps the Measurement integrated.
-    att = attribute(
-        capture.timeline.for_device(gpu.cuda_index),
-        gpu.t_ns,
-        gpu.power_w,
-        start_ns,
-        stop_ns,
-        response=response,
-        method=method,
-        group_by=group_by,
-    )
+    timeline = capture.timeline.for_device(gpu.cuda_index)
+    if capture.untraced:
+        timeline = KernelTimeline.concat([timeline, _untraced_records(capture.untraced, gpu.cuda_index)])
+        total_ns = sum(b - a for a, b, _ in capture.untraced)
+        holders = sorted({h for _, _, h in capture.untraced})
+        notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({'; '.join(holders)} held "
+                  "CUPTI): that time's energy is the [untraced] row",)
+    def run(chosen: str) -> Any:
+        return attribute(timeline, gpu.t_ns, gpu.power_w, start_ns, stop_ns, response=response, method=chosen,
+                         group_by=group_by)
+
+    try:
+        att = run(method)
+    except WindowTooShortError as e:
+        if not chose_default:
+            raise
+        # The default must give an answer for any window: a window of a few sample periods has too few readings to
+        # fit per-class powers, and the overlap split is then the best there is.
+        att = run("overlap")
+        notes += (f"method 'overlap' chosen: {e}",)
     notes += tuple(f"kernel tracer failure: {f}" for f in capture.failures)
     return replace(att, notes=att.notes + notes) if notes else att

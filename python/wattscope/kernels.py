@@ -74,11 +74,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Attribution", "KernelEnergy", "KernelTimeline", "attribute", "nnls"]
 
-KINDS = ("kernel", "memcpy", "memset")
+# "untraced" marks a stretch in which another CUPTI client (torch.profiler) held the activity API: kernels ran
+# there unseen, so it is a row of its own rather than idle time.
+KINDS = ("kernel", "memcpy", "memset", "untraced")
 METHODS = ("overlap", "model")
 GROUPINGS = ("name", "name+grid")
 IDLE = "[idle]"
 UNATTRIBUTED = "[unattributed]"
+UNTRACED = "[untraced]"
 OTHER = "[other]"
 COLUMNS = ("name", "calls", "time_s", "energy_j", "mean_power_w", "share", "uncertainty_j")
 
@@ -105,6 +108,10 @@ def _object_array(values: ArrayLike, name: str) -> np.ndarray:
     return a
 
 
+class WindowTooShortError(ValueError):
+    """method='model' has too few readings inside the window to fit anything; method='overlap' still works."""
+
+
 @dataclass(frozen=True, eq=False)
 class KernelTimeline:
     """The GPU activity records of one measured GPU, one entry per kernel, memcpy or memset.
@@ -114,7 +121,8 @@ class KernelTimeline:
         name: object array of str (kernel names, demangled or not; the tracer's label for copies and sets).
         stream: int64 CUDA stream id.
         device: int64 CUDA device ordinal.
-        kind: object array of ``"kernel"``, ``"memcpy"`` or ``"memset"``.
+        kind: object array of ``"kernel"``, ``"memcpy"``, ``"memset"`` or ``"untraced"`` (a stretch in which
+            kernels ran unseen, named ``[untraced]``).
         grid: optional object array of ``"gx,gy,gz"`` strings, for ``group_by="name+grid"``.
         dropped: records the tracer lost (CUPTI buffer full); their time counts as idle.
 
@@ -176,6 +184,20 @@ class KernelTimeline:
         o = np.empty(0, dtype=object)
         return cls(i, i, o, i, i, o, None, dropped)
 
+    @classmethod
+    def concat(cls, parts: list[KernelTimeline]) -> KernelTimeline:
+        """One timeline of several (records in order of ``parts``; ``dropped`` summed; grid kept only when every
+        part has one)."""
+        if not parts:
+            return cls.empty()
+        grids = [p.grid for p in parts]
+        return cls(
+            np.concatenate([p.start_ns for p in parts]), np.concatenate([p.end_ns for p in parts]),
+            np.concatenate([p.name for p in parts]), np.concatenate([p.stream for p in parts]),
+            np.concatenate([p.device for p in parts]), np.concatenate([p.kind for p in parts]),
+            None if any(g is None for g in grids) else np.concatenate(grids), sum(p.dropped for p in parts),
+        )
+
     def take(self, index: ArrayLike) -> KernelTimeline:
         """The records selected by an integer or boolean index, ``dropped`` kept."""
         idx = np.asarray(index)
@@ -202,7 +224,7 @@ class KernelTimeline:
 
 @dataclass(frozen=True)
 class KernelEnergy:
-    """One row of an attribution: a kernel class (or ``[idle]``, ``[unattributed]``, ``[other]``)."""
+    """One row of an attribution: a kernel class (or ``[idle]``, ``[unattributed]``, ``[other]``, ``[untraced]``)."""
 
     name: str
     calls: int
@@ -542,7 +564,7 @@ def _model(timeline: KernelTimeline, clipped: KernelTimeline, keys: np.ndarray, 
     tf, pf = t[fit], p[fit]
     m = int(tf.size)
     if m < 3:
-        raise ValueError(
+        raise WindowTooShortError(
             f"method='model' needs at least 3 readings stamped in [start + delay + shape, stop + delay] "
             f"({response.describe()}), got {m}: the window is too short; use method='overlap'"
         )

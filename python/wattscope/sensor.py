@@ -7,9 +7,9 @@ period before the stamp. ``shift_ns`` moves the stamps back by the difference, s
 the time whose power it reports: for a boxcar as wide as the sample period with no delay (the fake NVML, older
 GPUs) the shift is 0.
 
-Defaults come from ../docs (measurement-facts §2): on H100 SXM with driver 580 the buffered sample stream behaves
-like a first-order low-pass filter with tau ≈ 11.5 ms sampled every ~20 ms; its delay is not known without a
-calibration, so the default takes none. For other GPUs nothing is assumed and the measurement says so.
+Defaults: on H100 SXM with driver 580 the buffered sample stream behaves like a first-order low-pass filter
+(measurement-facts §2), sampled every ~20 ms; `wattscope calibrate` measured its tau and delay there, and those are the
+Hopper default. For other GPUs nothing is assumed and the measurement says so.
 """
 
 from __future__ import annotations
@@ -43,9 +43,13 @@ class SensorModel:
         return stamp_shift_ns(self.response, sample_period_ns, polled=polled)
 
 
+# From `wattscope calibrate` on an H100 SXM, driver 580.159.04 (bench/RESULTS.md, calibration, 2026-11-24): two runs
+# in a row gave tau 12.9 ± 0.3 ms and delay 3.86 ± 0.10 ms. Other Hopper boards are assumed alike until calibrated.
+_DEFAULT_TAU_NS = 12_900_000.0
+_DEFAULT_DELAY_NS = 3_850_000.0
 _FAMILY_DEFAULTS: tuple[tuple[str, str], ...] = (
-    ("H100", "built-in default for H100 (low-pass tau 11.5 ms, no delay; measured on H100 SXM, driver 580)"),
-    ("H200", "built-in default for Hopper (low-pass tau 11.5 ms, no delay; measured on H100 SXM, driver 580)"),
+    ("H100", "built-in default for H100 (low-pass tau 12.9 ms, delay 3.85 ms; calibrated on H100 SXM, driver 580)"),
+    ("H200", "built-in default for Hopper (low-pass tau 12.9 ms, delay 3.85 ms; calibrated on H100 SXM, driver 580)"),
 )
 
 
@@ -53,7 +57,7 @@ def default_sensor_model(gpu_name: str) -> SensorModel:
     """The built-in sensor model for a GPU, by its marketing name."""
     for family, origin in _FAMILY_DEFAULTS:
         if family in gpu_name:
-            return SensorModel(Response("lowpass", 11_500_000.0, 0.0), origin, None, None)
+            return SensorModel(Response("lowpass", _DEFAULT_TAU_NS, _DEFAULT_DELAY_NS), origin, None, None)
     return SensorModel(None, f"no sensor model for {gpu_name!r}: response not characterised (run wattscope calibrate)",
                        None, None)
 

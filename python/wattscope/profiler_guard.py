@@ -1,0 +1,116 @@
+"""Hand CUPTI to torch.profiler while it runs, and take it back after.
+
+CUPTI's activity state is process-global and has one client at a time (driver < r610): the buffer callbacks belong
+to whoever registered last. Measured on H100 (bench/profiler_coexistence.py, torch 2.11): a torch.profiler session
+opened inside a kernel meter's window got 0 of its 200 CUDA events, because the records went into a buffer of ours
+that CUPTI then returned to Kineto ("bufferCompleted called with unknown buffer"), and a kernel meter opened inside a
+profiler session took Kineto's buffers the same way. Nothing crashed; both sides silently lost everything.
+
+So wattscope steps aside. torch.autograd.profiler drives Kineto through three module-level functions,
+``_prepare_profiler`` (Kineto registers its callbacks and enables its kinds here, for warm-up), ``_enable_profiler``
+and ``_disable_profiler``; both torch.autograd.profiler.profile and torch.profiler.profile call them by their module
+global names. This module wraps them: before the first two it tells every listener to suspend (stop our tracer: its
+forced flush returns our buffers while our callbacks are still registered, so Kineto starts clean), after the last it
+tells them to resume (register again, enable again; the tracer's clock fit absorbs Kineto's timestamp switch). The
+time in between is reported as untraced, never as idle.
+
+If torch lacks these functions (another version), nothing is wrapped and ``profiler_active()`` falls back to
+torch's own ``_is_profiler_enabled`` flag, which is set only after Kineto took CUPTI: a meter opened while a
+profiler runs then stays out of CUPTI's way, but a profiler opened inside a kernel meter's window still loses its
+records. A profiler started outside Python (Kineto's on-demand mode, dynolog) is not seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import weakref
+from typing import Any, Protocol
+
+_HOOKED = ("_prepare_profiler", "_enable_profiler")
+_RELEASED = "_disable_profiler"
+_MARK = "__wattscope_guard__"
+HOLDER = "torch.profiler"
+
+
+class Listener(Protocol):
+    def suspend(self, holder: str) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+_lock = threading.Lock()
+_listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+_active = False  # set between a wrapped prepare/enable and the wrapped disable
+
+
+def watch(listener: Listener) -> None:
+    """Call ``listener.suspend`` / ``resume`` around every torch.profiler session from now on (weakly held).
+    Installs the wrappers if torch is imported; a later call installs them if torch was imported since."""
+    with _lock:
+        _listeners.add(listener)
+    _install()
+
+
+def profiler_active() -> bool:
+    """Whether a torch.profiler session holds CUPTI now (as far as this process's torch says)."""
+    if _active:
+        return True
+    profiler = _torch_profiler_module()
+    return bool(getattr(profiler, "_is_profiler_enabled", False)) if profiler is not None else False
+
+
+def _torch_profiler_module() -> Any:
+    if "torch" not in sys.modules:
+        return None  # never import torch ourselves: a process that has not imported it runs no profiler
+    return sys.modules.get("torch.autograd.profiler")
+
+
+def _install() -> None:
+    profiler = _torch_profiler_module()
+    if profiler is None:
+        return
+    with _lock:
+        for name in _HOOKED:
+            fn = getattr(profiler, name, None)
+            if fn is not None and not getattr(fn, _MARK, False):
+                setattr(profiler, name, _wrap_take(fn))
+        fn = getattr(profiler, _RELEASED, None)
+        if fn is not None and not getattr(fn, _MARK, False):
+            setattr(profiler, _RELEASED, _wrap_release(fn))
+
+
+def _notify(method: str) -> None:
+    with _lock:
+        listeners = list(_listeners)
+    for listener in listeners:
+        getattr(listener, method)(*((HOLDER,) if method == "suspend" else ()))
+
+
+def _wrap_take(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _active
+        if not _active:
+            _active = True
+            _notify("suspend")
+        return fn(*args, **kwargs)
+
+    setattr(wrapper, _MARK, True)
+    return wrapper
+
+
+def _wrap_release(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _active
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if _active:
+                _active = False
+                _notify("resume")
+
+    setattr(wrapper, _MARK, True)
+    return wrapper
