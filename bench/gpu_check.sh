@@ -3,6 +3,7 @@
 # there compiles the calibration load), then run the stages named in STAGES, writing logs under $OUT (or bench/out).
 #
 #   STAGES="build tests calibrate accuracy overhead sampler sweep" bash bench/gpu_check.sh
+#   STAGES="build calibrate kernels coexist kernel_overhead" bash bench/gpu_check.sh   (per-kernel validation)
 #
 # sampler_start launches the 10-minute sampler run in its own process session so that it outlives this call (the
 # machine stays warm between calls); sampler_collect, in a later call, waits for it and copies its log.
@@ -19,6 +20,17 @@ export PYTHONUNBUFFERED=1
 # One profile directory for every call on this machine: the calibration writes it, later stages measure with it.
 export WATTSCOPE_CACHE_DIR=${WATTSCOPE_CACHE_DIR:-/tmp/wattscope-cache}
 has() { [[ "$STAGES" == *" $1 "* ]]; }
+t_start=$SECONDS
+mark() { echo "== [$((SECONDS - t_start)) s] $*"; }
+# The device tool brings back at most 8 files: pack everything into one, also when an outer `timeout` stops us.
+pack() {
+  mark "packing $OUT"
+  # console.txt (the caller's redirect) is still being written: tar's "file changed" (status 1) is expected.
+  (cd "$OUT" && { tar czf results.tgz --exclude results.tgz . ; [ $? -le 1 ]; } \
+    && find . -type f ! -name results.tgz ! -name console.txt -delete)
+}
+trap pack EXIT
+trap 'exit 143' TERM INT
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -26,6 +38,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+mark build
 if has build || ! python3 -c "import wattscope" 2>/dev/null; then
   python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3 | tee "$OUT/build.log"
 fi
@@ -36,19 +49,55 @@ if has sampler_start; then
   echo "sampler run started in the background (${SAMPLER_SECONDS:-600} s)"
 fi
 if has tests; then
+  mark tests
   wattscope doctor --seconds 3 2>&1 | tee "$OUT/doctor.txt"
-  python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors "$repo/tests" 2>&1 | tail -15 \
+  # shellcheck disable=SC2086
+  python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors ${PYTEST_ARGS:-} "$repo/tests" 2>&1 \
+    | tail -25 \
     | tee "$OUT/pytest.txt"
 fi
 if has calibrate; then
+  mark calibrate
   wattscope calibrate --plot "$OUT/calibration.png" 2>&1 | tee "$OUT/calibrate.txt"
   python3 "$repo/bench/calibration_bench.py" "$OUT/calibration.json" 2>&1 | tee "$OUT/calibration_bench.txt"
   cp "$WATTSCOPE_CACHE_DIR"/*.json "$OUT/" 2>/dev/null
+fi
+if has kernels; then
+  mark kernels
+  python3 "$repo/bench/kernel_ground_truth.py" --json "$OUT/kernel_ground_truth.json" ${KERNEL_ARGS:-} 2>&1 \
+    | tee "$OUT/kernel_ground_truth.txt"
+fi
+has coexist && mark coexist && python3 "$repo/bench/profiler_coexistence.py" 2>&1 | tee "$OUT/coexist.txt"
+if has exitcheck; then
+  # A process that used torch.profiler and a kernel meter must exit cleanly (an abort at exit was seen once):
+  # each check in a fresh process (EXIT_RUNS times), and torch.profiler alone for comparison.
+  mark exitcheck
+  for i in $(seq "${EXIT_RUNS:-1}"); do
+    python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_gpu.py" -k profiler >/dev/null 2>&1
+    echo "pytest test_gpu -k profiler, run $i: exit $?"
+    python3 "$repo/bench/profiler_coexistence.py" >/dev/null 2>&1
+    echo "profiler_coexistence, run $i: exit $?"
+    python3 -c "import torch; from torch.profiler import profile as p; a = torch.ones(512, 512, device='cuda')
+for _ in range(2):
+    with p() as q: [a @ a for _ in range(50)]; torch.cuda.synchronize()" >/dev/null 2>&1
+    echo "torch.profiler alone, run $i: exit $?"
+  done 2>&1 | tee "$OUT/exitcheck.txt"
+fi
+if has run_vs; then
+  mark run_vs
+  python3 "$repo/bench/run_vs_inprocess.py" 2>&1 | tee "$OUT/run_vs_inprocess.txt"
+fi
+if has kernel_overhead; then
+  mark kernel_overhead
+  # shellcheck disable=SC2086
+  python3 "$repo/bench/kernel_overhead_bench.py" --json "$OUT/kernel_overhead.json" ${OVERHEAD_ARGS:-} \
+    --top-kernels-md "$OUT/top_kernels.md" 2>&1 | tee "$OUT/kernel_overhead.txt"
 fi
 has accuracy && python3 "$repo/bench/accuracy_bench.py" 2>&1 | tee "$OUT/accuracy.txt"
 has overhead && python3 "$repo/bench/overhead_bench.py" 2>&1 | tee "$OUT/overhead.txt"
 has cadence && python3 "$repo/bench/cadence_bench.py" 2>&1 | tee "$OUT/cadence.txt"
 if has sweep; then
+  mark sweep
   mkdir -p "$repo/data/h100"
   # shellcheck disable=SC2086
   timeout -s INT "${SWEEP_SECONDS:-480}" wattscope sweep ${SWEEP_ARGS:---preset quick --batch-sizes 64 --precisions fp32,bf16} \
@@ -60,6 +109,4 @@ if has sampler_collect; then
   cp /tmp/sampler_long.txt "$OUT/sampler_long.txt" && cat "$OUT/sampler_long.txt"
 fi
 has sampler && python3 "$repo/bench/sampler_bench.py" "${SAMPLER_SECONDS:-120}" 2>&1 | tee "$OUT/sampler.txt"
-# The device tool brings back at most 8 files: pack everything into one.
-(cd "$OUT" && tar czf results.tgz --exclude results.tgz . && find . -type f ! -name results.tgz -delete)
 exit 0

@@ -1,0 +1,280 @@
+"""Per-kernel attribution against ground truth on a real GPU (the per-kernel issue's validation).
+
+    python3 bench/kernel_ground_truth.py [--device 0] [--json OUT.json] [--alone-s 2.5] [--mix-s 8]
+
+Three kernel classes of very different power, launched by torch on one stream:
+  gemm  - matmuls M x K x M (--gemm-m, default 2048; --gemm-dtype bf16 on tensor cores, or fp32 with TF32 off on
+          the CUDA cores); K sets the duration. A bf16 GEMM (M = 8192 or 2048 alike) holds the H100 at its 700 W cap
+          with throttled clocks, and in a mix each GEMM starts at the higher clocks the quieter kernels left behind
+          and draws more until the cap's controller catches up (measured: closure -13 to -19 %), so "its power
+          alone" is no ground truth there; the fp32 GEMM is meant to stay under the cap (the table prints the
+          class's power and SM clock alone: check them);
+  copy  - device-to-device copies of float32 buffers (memory-bound); the size sets the duration, capped by memory
+          (about 8 ms on an 80 GB card: longer draws are clipped to the cap, and the printed ranges say so);
+  sleep - torch.cuda._sleep: one thread spinning on the SM clock, a GPU that is "busy" but draws near-idle power.
+Durations are drawn log-uniformly within a band: 0.1-1 ms, 1-10 ms, 10-50 ms, and 0.1-50 ms.
+
+Per band:
+  1. Truth: each class alone, back to back (the band's duration distribution, >= 2 s): P_c = energy / time from an
+     energy-only PowerMeter. The GPU never idles inside the window but for the microseconds after the meter's start
+     synchronisation.
+  2. The three classes interleaved in random order (each gets about a third of the time) for --mix-s under
+     PowerMeter(kernels=True). Truth for a class = P_c x its busy time in the mix (from the trace). Each estimator's
+     energy for the class is the sum of the rows whose kernel names the class's alone run produced.
+  3. Closure: sum over classes of P_c x busy_c (plus the idle row) against the mix's measured energy. Transitions
+     and heat make a class draw differently in a mix than alone, so this closure bounds how far the truth itself
+     can be trusted: a per-class error well inside it means nothing.
+
+Needs torch with CUDA. Prints one table; --json writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+
+import numpy as np
+
+BANDS_MS = {"0.1-1 ms": (0.1, 1.0), "1-10 ms": (1.0, 10.0), "10-50 ms": (10.0, 50.0), "0.1-50 ms": (0.1, 50.0)}
+CLASSES = ("gemm", "copy", "sleep")
+COPY_BUFFER_BYTES = 12 << 30
+# The host stays at most this far ahead of the GPU, so a meter's edges fall where the queue says they do.
+QUEUE_AHEAD_S = 0.15
+
+
+class Kernels:
+    """One launcher per class, each with a duration -> size map fitted from CUDA-event timings."""
+
+    def __init__(self, torch, device: int, max_ms: float, gemm_m: int, gemm_dtype: str) -> None:
+        self.torch = torch
+        self.gemm_m = gemm_m
+        self.gemm_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[gemm_dtype]
+        self.gemm_tflops = 600e12 if gemm_dtype == "bf16" else 50e12
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on the CUDA cores, not TF32 on the tensor cores
+        self.dev = torch.device("cuda", device)
+        self.stream = torch.cuda.current_stream(self.dev)
+        # bf16 GEMM: time is affine in K for a fixed M = N.
+        k_max = self._gemm_k_for(max_ms)
+        self.at = torch.randn(k_max, gemm_m, device=self.dev, dtype=self.gemm_dtype)
+        self.b = torch.randn(k_max, gemm_m, device=self.dev, dtype=self.gemm_dtype)
+        self.c = torch.empty(gemm_m, gemm_m, device=self.dev, dtype=self.gemm_dtype)
+        n = COPY_BUFFER_BYTES // 4
+        self.src = torch.ones(n, device=self.dev, dtype=torch.float32)
+        self.dst = torch.empty_like(self.src)
+        self.fit = {
+            "gemm": self._fit(self._gemm, [256, 2048, min(k_max, 32768)], lambda x: max(64, int(x) // 64 * 64), k_max),
+            "copy": self._fit(self._copy, [1 << 22, 1 << 26, n], lambda x: max(1 << 14, int(x)), n),
+            "sleep": self._fit(self._sleep, [10_000, 200_000, 2_000_000], lambda x: max(100, int(x)), 1 << 40),
+        }
+
+    def _gemm_k_for(self, ms: float) -> int:
+        # A first guess of the dtype's peak (less for small M), doubled for safety; the fit below replaces it.
+        tflops = self.gemm_tflops * min(1.0, (self.gemm_m / 8192) ** 2 * 4)
+        k = int(2 * ms * 1e-3 * tflops / (2 * self.gemm_m * self.gemm_m)) // 64 * 64 + 64
+        item_bytes = self.torch.tensor([], dtype=self.gemm_dtype).element_size()
+        return min(k, (8 << 30) // (item_bytes * self.gemm_m))  # at most 8 GiB per operand
+
+    def _gemm(self, k: int) -> None:
+        self.torch.matmul(self.at[:k].t(), self.b[:k], out=self.c)
+
+    def _copy(self, n: int) -> None:
+        self.dst[:n].copy_(self.src[:n])
+
+    def _sleep(self, cycles: int) -> None:
+        self.torch.cuda._sleep(cycles)
+
+    def _time_ms(self, fn, x: int, repeats: int = 5) -> float:
+        torch = self.torch
+        fn(x)
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(x)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return float(np.median(times))
+
+    def _fit(self, fn, xs, to_size, x_max):
+        t = [self._time_ms(fn, x) for x in xs]
+        slope, icpt = np.polyfit(np.asarray(xs, float), np.asarray(t, float), 1)
+        return {"fn": fn, "slope_ms": float(slope), "icpt_ms": float(icpt), "to_size": to_size, "max": x_max,
+                "max_ms": float(icpt + slope * x_max)}
+
+    def size_for(self, cls: str, ms: float) -> int:
+        f = self.fit[cls]
+        return min(f["to_size"]((ms - f["icpt_ms"]) / f["slope_ms"]), f["max"])
+
+    def launch(self, cls: str, size: int) -> None:
+        self.fit[cls]["fn"](size)
+
+
+def feed(k: Kernels, plan: list[tuple[str, int]], est_ms: list[float]) -> None:
+    """Launch the plan, keeping at most ~QUEUE_AHEAD_S of work queued (an event per chunk)."""
+    torch = k.torch
+    pending: list[object] = []
+    queued_ms = 0.0
+    for (cls, size), ms in zip(plan, est_ms, strict=True):
+        k.launch(cls, size)
+        queued_ms += ms
+        if queued_ms >= QUEUE_AHEAD_S * 1e3 / 2:
+            ev = torch.cuda.Event()
+            ev.record()
+            pending.append(ev)
+            queued_ms = 0.0
+            if len(pending) > 2:
+                pending.pop(0).synchronize()
+
+
+def draw(k: Kernels, cls: str, band: tuple[float, float], total_s: float, rng: random.Random):
+    lo, hi = band
+    plan, est = [], []
+    t = 0.0
+    while t < total_s * 1e3:
+        ms = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        size = k.size_for(cls, ms)
+        f = k.fit[cls]
+        ms_real = f["icpt_ms"] + f["slope_ms"] * size
+        plan.append((cls, size))
+        est.append(ms_real)
+        t += ms_real
+    return plan, est
+
+
+def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s: float, mix_s: float,
+             rng: random.Random) -> dict:
+    out: dict = {"band": name, "classes": {}}
+    names_of: dict[str, set[str]] = {}
+    for cls in CLASSES:
+        plan, est = draw(k, cls, band, alone_s, rng)
+        feed(k, plan[: max(1, len(plan) // 5)], est[: max(1, len(plan) // 5)])  # pre-roll: the class's steady state
+        with wattscope.PowerMeter(device, kernels=True) as m:
+            feed(k, plan, est)
+        att = m.kernel_attribution(method="overlap")
+        tl = att.timeline
+        names_of[cls] = set(tl.name.tolist())
+        busy_s = float(np.sum(tl.end_ns - tl.start_ns)) / 1e9
+        r = m.result
+        durations_ms = (tl.end_ns - tl.start_ns) / 1e6
+        out["classes"][cls] = {
+            "alone_power_w": r.energy_j / r.duration_s,
+            "alone_sm_clock_mhz": r.gpus[0].sm_clock_mhz_mean,
+            "alone_uncertainty_w": r.uncertainty_j / r.duration_s,
+            "alone_s": r.duration_s,
+            "alone_busy_share": busy_s / r.duration_s,
+            "kernel_ms_min": float(durations_ms.min()),
+            "kernel_ms_median": float(np.median(durations_ms)),
+            "kernel_ms_max": float(durations_ms.max()),
+            "n_names": len(names_of[cls]),
+        }
+    shared = set.intersection(*names_of.values())
+    if shared:
+        out["warning"] = f"kernel names shared between classes: {sorted(shared)}"
+
+    # The mix: classes drawn with probability inversely proportional to their mean duration, so each gets about a
+    # third of the time.
+    plans = {cls: draw(k, cls, band, mix_s, rng) for cls in CLASSES}
+    mix: list[tuple[tuple[str, int], float]] = []
+    for cls in CLASSES:
+        plan, est = plans[cls]
+        budget, acc = mix_s * 1e3 / 3, 0.0
+        for p, e in zip(plan, est, strict=True):
+            if acc >= budget:
+                break
+            mix.append((p, e))
+            acc += e
+    rng.shuffle(mix)
+    feed(k, [p for p, _ in mix[:20]], [e for _, e in mix[:20]])
+    with wattscope.PowerMeter(device, kernels=True) as m:
+        feed(k, [p for p, _ in mix], [e for _, e in mix])
+    r = m.result
+    out["sensor_model"] = str(r.gpus[0].sensor_model)
+    out["mix"] = {"sm_clock_mhz": r.gpus[0].sm_clock_mhz_mean, "energy_j": r.energy_j,
+                  "uncertainty_j": r.uncertainty_j, "duration_s": r.duration_s,
+                  "n_kernels": len(mix)}
+    truth_total = 0.0
+    for method in ("overlap", "model"):
+        att = m.kernel_attribution(method=method)
+        tl = att.timeline
+        rows = {row.name: row for row in att.rows}
+        out["mix"][method] = {"notes": list(att.notes), "residual_rms_w": att.residual_rms_w,
+                              "idle_j": rows["[idle]"].energy_j if "[idle]" in rows else 0.0,
+                              "unattributed_j": rows["[unattributed]"].energy_j if "[unattributed]" in rows else 0.0}
+        truth_total = 0.0
+        for cls in CLASSES:
+            sel = np.isin(tl.name, list(names_of[cls]))
+            busy_s = float(np.sum(tl.end_ns[sel] - tl.start_ns[sel])) / 1e9
+            truth = out["classes"][cls]["alone_power_w"] * busy_s
+            truth_total += truth
+            est = sum(row.energy_j for n, row in rows.items() if n in names_of[cls])
+            unc = math.sqrt(sum(row.uncertainty_j ** 2 for n, row in rows.items() if n in names_of[cls]))
+            out["classes"][cls].setdefault("mix_busy_s", busy_s)
+            out["classes"][cls][method] = {"energy_j": est, "uncertainty_j": unc, "truth_j": truth,
+                                           "error": est / truth - 1.0 if truth > 0 else float("nan")}
+    out["mix"]["closure"] = (truth_total + out["mix"]["overlap"]["idle_j"]) / r.energy_j - 1.0
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--alone-s", type=float, default=2.5)
+    ap.add_argument("--mix-s", type=float, default=8.0)
+    ap.add_argument("--bands", default=",".join(BANDS_MS), help="comma-separated subset of " + ", ".join(BANDS_MS))
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--gemm-m", type=int, default=2048, help="M = N of the GEMM class")
+    ap.add_argument("--gemm-dtype", choices=("bf16", "fp32"), default="fp32",
+                    help="bf16 (tensor cores, at the H100's power cap) or fp32 with TF32 off (default)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    import torch
+
+    import wattscope
+
+    if not torch.cuda.is_available():
+        print("kernel_ground_truth: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.cuda.set_device(args.device)
+    rng = random.Random(args.seed)
+    t0 = time.monotonic()
+    k = Kernels(torch, args.device, max(hi for _, hi in BANDS_MS.values()), args.gemm_m, args.gemm_dtype)
+    print(f"gemm class: {args.gemm_dtype} M = N = {args.gemm_m}")
+    fits = {c: {x: v for x, v in f.items() if x not in ("fn", "to_size")} for c, f in k.fit.items()}
+    print("duration fits:", json.dumps(fits))
+    results = []
+    for name in args.bands.split(","):
+        res = run_band(torch, wattscope, k, args.device, name, BANDS_MS[name], args.alone_s, args.mix_s, rng)
+        results.append(res)
+        mix = res["mix"]
+        print(f"\n== band {name} (sensor model: {res['sensor_model']}): mix {mix['duration_s']:.2f} s, "
+              f"{mix['n_kernels']} kernels, "
+              f"{mix['energy_j']:.1f} J, closure {mix['closure'] * 100:+.2f} %, "
+              f"model residual {mix['model']['residual_rms_w']:.1f} W, SM clock {mix['sm_clock_mhz']:.0f} MHz")
+        for method in ("overlap", "model"):
+            for note in mix[method]["notes"]:
+                print(f"   [{method}] note: {note}")
+        if "warning" in res:
+            print("   WARNING:", res["warning"])
+        print(f"   {'class':6} {'alone W':>9} {'MHz':>5} {'kernel ms (min/med/max)':>26} {'busy s':>7} "
+              f"{'overlap err':>12} {'model err':>10} {'model ±':>8}")
+        for cls in CLASSES:
+            c = res["classes"][cls]
+            print(f"   {cls:6} {c['alone_power_w']:9.1f} {c['alone_sm_clock_mhz']:5.0f} "
+                  f"{c['kernel_ms_min']:8.3f}/{c['kernel_ms_median']:7.3f}/"
+                  f"{c['kernel_ms_max']:7.3f}  {c['mix_busy_s']:7.2f} {c['overlap']['error'] * 100:+11.2f}% "
+                  f"{c['model']['error'] * 100:+9.2f}% "
+                  f"{c['model']['uncertainty_j'] / c['model']['truth_j'] * 100:7.2f}%")
+    print(f"\ntotal {time.monotonic() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"fits": fits, "bands": results}, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
