@@ -21,6 +21,7 @@ import platform
 import time
 
 import numpy as np
+
 from wattscope.kernels import KernelTimeline, attribute
 from wattscope.response import Response, filtered_indicator
 

@@ -210,7 +210,7 @@ class PynvmlPoller:
         self._thread.join()
         self._nvml.nvmlShutdown()
 
-    def __enter__(self) -> "PynvmlPoller":
+    def __enter__(self) -> PynvmlPoller:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -296,7 +296,7 @@ class ZeusWindow:
         """Nothing to stop (Zeus keeps no thread for Volta+ GPUs); drops an open window."""
         self.monitor.measurement_states.pop(self._key, None)
 
-    def __enter__(self) -> "ZeusWindow":
+    def __enter__(self) -> ZeusWindow:
         return self
 
     def __exit__(self, *exc) -> None:

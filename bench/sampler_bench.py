@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+
 from wattscope import _session, energy
 
 

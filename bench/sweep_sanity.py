@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
 from wattscope.sweep.catalog import Catalog, UnknownModelError
 from wattscope.sweep.store import SweepStore
 

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 from conftest import HAS_GPU
+
 from wattscope import PowerMeter
 from wattscope.calibration import runner
 from wattscope.calibration.load import FakeLoad, GpuLoad, LoadError, validate_schedule

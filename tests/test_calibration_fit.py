@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from wattscope.calibration.fit import (
     CalibrationError,
     Run,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import _ignore_torch_devices
 
 import wattscope
 from wattscope import PowerMeter, _session
 from wattscope.devices import resolve
 from wattscope.testing import FakeNvml
-
-from conftest import _ignore_torch_devices
 
 
 @pytest.fixture

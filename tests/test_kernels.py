@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+
 from wattscope import energy
 from wattscope.kernels import IDLE, OTHER, UNATTRIBUTED, KernelTimeline, attribute, nnls
 from wattscope.response import Response, filtered_indicator

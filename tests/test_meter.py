@@ -8,11 +8,10 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import _ignore_torch_devices
 
 import wattscope
 from wattscope import MeasurementError, MeasurementWarning, PowerMeter
-
-from conftest import _ignore_torch_devices
 
 
 def _truth(fake, r, dev=0):
@@ -248,10 +247,9 @@ def test_decorator_measures_every_call(fake):
 
 def test_exception_inside_the_block_still_closes_the_window(fake):
     m = PowerMeter(0)
-    with pytest.raises(KeyboardInterrupt):
-        with m:
-            time.sleep(0.05)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), m:
+        time.sleep(0.05)
+        raise KeyboardInterrupt
     assert not m.running
     assert m.result.duration_s > 0.04
 
@@ -306,9 +304,9 @@ def test_sampler_thread_stops_after_linger(fake):
 
 
 def test_session_shutdown_balances_nvml_init(fake):
-    from wattscope import _session
-
     import gc
+
+    from wattscope import _session
 
     gc.collect()
     # The fixture's session has initialised NVML once already; meters share that one reference.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from wattscope.calibration.protocol import Protocol, min_window_s, phase_offsets_s, plan
 from wattscope.response import Response
 

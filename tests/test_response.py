@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from wattscope.response import (
     Response,
     Schedule,
@@ -212,7 +213,7 @@ def test_boxcar_amplitude_ratio_geometry() -> None:
 def test_amplitude_ratio_matches_simulated_steady_state(kind, shape_ms, period_ms, duty, delay_ms) -> None:
     response = Response(kind, shape_ms * MS, delay_ms * MS)
     period = int(period_ms * MS)
-    n = int(1.2e9 / period) + 10  # settle for >= 17 tau of the slowest low-pass drawn, then read 2 periods
+    n = int(1.6e9 / period) + 10  # settle >= 26 tau of the slowest low-pass (e^-26 < 1e-11), then read 2 periods
     busy = square_busy(T0, period, n, duty)
     duty_exact = float(busy[0, 1] - busy[0, 0]) / period
     last = T0 + (n - 3) * period

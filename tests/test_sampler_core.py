@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from wattscope import _session
 
 MS = 1_000_000

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from wattscope.response import Response
 from wattscope.sensor_profile import (
     PROFILE_SCHEMA_VERSION,

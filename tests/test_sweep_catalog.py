@@ -6,6 +6,7 @@ import csv
 from importlib import resources
 
 import pytest
+
 from wattscope.sweep import catalog as cat
 from wattscope.sweep.catalog import PRESETS, Catalog, Unit, UnknownModelError, family_of
 

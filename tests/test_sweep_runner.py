@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 import wattscope
 from wattscope.cli import build_parser, main
 from wattscope.sweep.catalog import UnknownModelError
@@ -403,6 +404,7 @@ def test_warm_up_settles_on_stable_or_merely_noisy_timings_but_not_on_a_trend():
 @pytest.mark.gpu
 def test_timm_models_build_at_other_sizes_and_run_on_the_gpu():
     import torch
+
     from wattscope.sweep.providers import get_provider
 
     provider = get_provider("timm")

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+
 from wattscope import WattscopeError
 from wattscope.sweep import catalog
 from wattscope.sweep.store import (

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import open_fake_cupti
+
 from wattscope import _core
 from wattscope.errors import WattscopeError
 

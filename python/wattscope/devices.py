@@ -17,11 +17,11 @@ import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 from .errors import DeviceNotFoundError
 
-DeviceSelector = Union[None, str, int, Sequence[Union[int, str]]]
+DeviceSelector = None | str | int | Sequence[int | str]
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,8 @@ def _listing(gpus: list[GpuInfo]) -> str:
     if not gpus:
         return "NVML reports no GPU on this machine."
     rows = [
-        f"  cuda:{g.cuda_index if g.cuda_index is not None else '-'}  nvml:{g.nvml_index}  {g.name}  {g.uuid}  {g.pci_bus_id}"
+        f"  cuda:{g.cuda_index if g.cuda_index is not None else '-'}  nvml:{g.nvml_index}  {g.name}  {g.uuid}  "
+        f"{g.pci_bus_id}"
         for g in gpus
     ]
     return "GPUs on this machine:\n" + "\n".join(rows)
@@ -181,6 +182,7 @@ def _torch_uuids() -> list[str] | None:
     try:
         if not torch.cuda.is_initialized():
             return None
-        return ["gpu-" + str(torch.cuda.get_device_properties(i).uuid).lower() for i in range(torch.cuda.device_count())]
+        props = torch.cuda.get_device_properties
+        return ["gpu-" + str(props(i).uuid).lower() for i in range(torch.cuda.device_count())]
     except Exception:  # an old torch without .uuid, or CUDA broken: fall back to the environment
         return None

@@ -84,7 +84,7 @@ def diagnose(seconds: float = 2.0) -> DoctorReport:
     result = m.result
     cpu_ns = sampler.stats()["thread_cpu_ns"] - cpu0
     reports = []
-    for gpu, g in zip(gpus, result.gpus):
+    for gpu, g in zip(gpus, result.gpus, strict=True):
         snap = sampler.snapshot(_session.current().slot(gpu.nvml_index), result.start_ns, result.stop_ns)
         sources = [_source_report(name, snap[name], result.start_ns, result.stop_ns) for name in SOURCES]
         reports.append(GpuReport(

@@ -126,8 +126,8 @@ def render(report: Any) -> str:
     if polled:
         every_ms = runner.CALIBRATION_SAMPLER["instant_period_ns"] / 1e6
         lines.append(f"({' and '.join(polled)}: read every {every_ms:g} ms here, so the delay is the sensor's own "
-                     f"plus {every_ms / 2:g} ms on average; the profile keeps the sensor's own, and measurements add half "
-                     "of their own polling period)")
+                     f"plus {every_ms / 2:g} ms on average; the profile keeps the sensor's own, and measurements add "
+                     "half of their own polling period)")
     lines.append("")
     for source, step in report.steps.items():
         lines.append(f"step, {source}: rise 10-90 % {step.rise_10_90_ns / 1e6:.1f} ms, first stamped change "

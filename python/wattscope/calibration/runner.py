@@ -48,15 +48,16 @@ from .load import Load, LoadRun
 
 # Power sources in the order the report lists them (wattscope.meter.SOURCES).
 SOURCES = ("samples", "instant", "average", "energy_counter")
-# Sampler cadences during calibration. The energy counter every 43 ms: at 100 ms, polling and the counter's own
-# ~100 ms updates kept one phase for a whole calibration and a new one at the next, so the counter's fitted delay
-# moved 54 -> 12 ms between two calibrations on the H100 (outside its CI); 43 ms shares no period with 100 ms and
-# sweeps the phases, at ~9 % of a core for the minute of calibration (the call costs ~4 ms). The instant and average fields (~1-7 µs a call) every 4.7 ms: a field is stamped when it
-# is read, so its first appearance lags the driver's update by up to one polling period. Polled this fast, the
-# fitted delay is the sensor's own plus 2.35 ms on average; and since 4.7 ms divides neither the fields' ~100 ms
-# update period nor 20 ms, that lag sweeps all its values instead of sitting at one phase that changes with every
-# sampler start (at 5 ms, two calibrations in a row differed by 1 ms in the instant field's delay, 2 CIs apart).
-# Measurements poll the fields more slowly and see them up to one of their own polling periods later.
+# Sampler cadences during calibration. The energy counter every 43 ms: at 100 ms, polling and the counter's own ~100 ms
+# updates kept one phase for a whole calibration and a new one at the next, so the counter's fitted delay moved 54 -> 12
+# ms between two calibrations on the H100 (outside its CI); 43 ms shares no period with 100 ms and sweeps the phases, at
+# ~9 % of a core for the minute of calibration (the call costs ~4 ms). The instant and average fields (~1-7 µs a call)
+# every 4.7 ms: a field is stamped when it is read, so its first appearance lags the driver's update by up to one
+# polling period. Polled this fast, the fitted delay is the sensor's own plus 2.35 ms on average; and since 4.7 ms
+# divides neither the fields' ~100 ms update period nor 20 ms, that lag sweeps all its values instead of sitting at one
+# phase that changes with every sampler start (at 5 ms, two calibrations in a row differed by 1 ms in the instant
+# field's delay, 2 CIs apart). Measurements poll the fields more slowly and see them up to one of their own polling
+# periods later.
 CALIBRATION_SAMPLER = {"energy_period_ns": 43_000_000, "instant_period_ns": 4_700_000, "average_period_ns": 4_700_000}
 _NOMINAL_SAMPLE_PERIOD_MS = 20.0
 # Lead time from planning a pass to its first segment's start: the load's clock alignment and launch fit well inside.
