@@ -12,6 +12,13 @@ python -m pip install -q --upgrade pip
 # wattscope then reuses instead of its fake CUPTI, so the tracer tests would skip.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q ".[test]"
+# The web app's browser tests drive Debian's headless Chromium through its driver; under CI they fail without it.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium chromium-driver
+fi
 if [ -f tests/native.sh ]; then
   bash tests/native.sh
 fi

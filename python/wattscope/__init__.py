@@ -22,8 +22,9 @@ from .errors import (
     WattscopeError,
 )
 from .kernel_session import KernelTracingUnavailableError  # kernel tracing (kernel_session.py)
-from .measurement import GpuEnergy, Measurement
-from .meter import MeasurementWarning, PowerMeter
+from .measurement import GpuEnergy, Measurement, to_frame
+from .meter import LivePower, MeasurementWarning, PowerMeter
+from .rapl import CpuEnergy, RaplMeter
 
 __version__ = "0.1.0"
 
@@ -49,11 +50,13 @@ def configure_sampler(**options: Any) -> None:
 
 
 __all__ = [
+    "CpuEnergy",
     "DeviceNotFoundError",
     "GpuEnergy",
     "GpuInfo",
     "GpuLostError",
     "KernelTracingUnavailableError",
+    "LivePower",
     "Measurement",
     "MeasurementError",
     "MeasurementWarning",
@@ -62,7 +65,9 @@ __all__ = [
     "NvmlNotFoundError",
     "NvmlPermissionError",
     "PowerMeter",
+    "RaplMeter",
     "WattscopeError",
     "configure_sampler",
     "list_gpus",
+    "to_frame",
 ]

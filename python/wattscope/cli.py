@@ -12,6 +12,10 @@ import sys
 _COMMAND_MODULES = (
     "wattscope.calibration.command",
     "wattscope.sweep.command",
+    "wattscope.compare",
+    "wattscope.embed.command",
+    "wattscope.analysis.command",
+    "wattscope.webapp.command",
 )
 
 

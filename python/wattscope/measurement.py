@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,11 +112,27 @@ class Measurement:
             "counter_energy_j": self.counter_energy_j,
         }
         for g in self.gpus:
-            key = f"gpu{g.cuda_index if g.cuda_index is not None else 'nvml' + str(g.nvml_index)}"
+            key = gpu_key(g)
             for name in ("energy_j", "mean_power_w", "peak_power_w", "uncertainty_j", "coverage", "gaps", "source",
                          "counter_energy_j", "sample_period_s", "n_samples", "uuid", "name"):
                 out[f"{key}.{name}"] = getattr(g, name)
         return out
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
+        """``to_dict()`` plus the ``uncertainty_reasons`` and ``errors`` lists as JSON (NaN written as null); also
+        written to ``path`` when given."""
+        doc = {**self.to_dict(), "uncertainty_reasons": list(self.uncertainty_reasons), "errors": list(self.errors)}
+        text = json.dumps(json_safe(doc), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """``to_dict()`` as a CSV header and one row; also written to ``path`` when given."""
+        text = rows_to_csv([self.to_dict()])
+        if path is not None:
+            Path(path).write_text(text)
+        return text
 
     def __str__(self) -> str:
         lines = [
@@ -125,3 +148,43 @@ class Measurement:
             )
         lines += [f"  ! {e}" for e in self.errors]
         return "\n".join(lines)
+
+
+def gpu_key(g: GpuEnergy) -> str:
+    """The prefix of one GPU's flat keys: ``gpu0`` for CUDA index 0, ``gpunvml3`` for a GPU CUDA does not show."""
+    return f"gpu{g.cuda_index if g.cuda_index is not None else 'nvml' + str(g.nvml_index)}"
+
+
+def to_frame(measurements: Iterable[Measurement]) -> Any:
+    """One row per Measurement, its ``to_dict()`` keys as columns (a GPU measured by only some rows leaves the others
+    empty), as a pandas DataFrame."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("to_frame needs pandas: pip install 'wattscope[pandas]'") from None
+    return pd.DataFrame([m.to_dict() for m in measurements])
+
+
+def json_safe(value: Any) -> Any:
+    """Strict JSON: NaN and infinities (a fallback source has no peak power) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
+
+
+def rows_to_csv(rows: list[dict[str, object]]) -> str:
+    """Rows as CSV with the union of their keys as the header, in first-seen order."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return out.getvalue()

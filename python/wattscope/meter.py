@@ -45,6 +45,17 @@ _SOURCE_CAVEAT = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class LivePower:
+    """The newest reading of one GPU (``PowerMeter.live``): ``source`` is None and ``power_w`` nan before any."""
+
+    cuda_index: int | None
+    uuid: str
+    power_w: float
+    age_s: float
+    source: str | None
+
+
 class MeasurementWarning(UserWarning):
     """A measurement finished but something about it deserves attention (a lost GPU, poor coverage)."""
 
@@ -174,6 +185,30 @@ class PowerMeter:
     def running(self) -> bool:
         return self._start_ns is not None and self._stop_ns is None
 
+    def live(self) -> tuple[LivePower, ...]:
+        """The newest power reading of every measured GPU, for progress bars: one short copy out of the sampler's
+        buffers per GPU (no NVML call, no waiting). Readings arrive as the thread drains them (the buffered stream
+        every ~250 ms, the instant field every ~50 ms): ``age_s`` says how old each one is. Between ``start`` and
+        ``stop``, or shortly after (the thread lingers a few seconds)."""
+        if self._session is None or self._start_ns is None:
+            raise MeasurementError("live() needs a started meter: call start() or enter the with-block first")
+        assert self._gpus is not None
+        sampler = self._session.sampler()
+        now_ns = _session.core().mono_ns()
+        out = []
+        for g, slot in zip(self._gpus, self._slots, strict=True):
+            # A zero-length range still returns the two newest points before it (the snapshot's edge margin).
+            snap = sampler.snapshot(slot, now_ns, now_ns)
+            newest = [(int(snap[s]["t_ns"][-1]), s, float(snap[s]["value"][-1]) / 1000.0) for s in SOURCES[:3]
+                      if snap[s]["supported"] and len(snap[s]["t_ns"])]
+            # The fresher of the buffered stream and the instant field; the 1 s average (stamped when read, yet a
+            # second behind) only when neither exists.
+            fresh = [r for r in newest if r[1] != "average"] or newest
+            t_ns, source, power_w = max(fresh, key=lambda r: r[0]) if fresh else (0, None, math.nan)
+            out.append(LivePower(g.cuda_index, g.uuid, power_w, (now_ns - t_ns) / 1e9 if fresh else math.inf,
+                                 source))
+        return tuple(out)
+
     @property
     def results(self) -> list[Measurement]:
         """One Measurement per decorated call, in call order."""
@@ -204,7 +239,7 @@ class PowerMeter:
         sampler.wait_covered(self._stop_ns + _COVER_MARGIN_NS, int(self.wait_timeout_s * 1e9))
         driver = session.driver_version()
         out = []
-        for g, slot in zip(self._gpus, self._slots):
+        for g, slot in zip(self._gpus, self._slots, strict=True):
             snap = sampler.snapshot(slot, self._start_ns, self._stop_ns)
             series = {name: (snap[name]["t_ns"], snap[name]["value"] * scale) for name, scale in _TRACE_SERIES
                       if snap[name]["supported"]}
@@ -310,7 +345,7 @@ class PowerMeter:
         gpus = tuple(
             _gpu_energy(g, sampler.snapshot(slot, start_ns, stop_ns + lag_ns), start_ns, stop_ns, per_gpu,
                         [f for f in failures if f["slot"] == slot and f["t_ns"] >= start_ns - 1_000_000_000])
-            for g, slot, per_gpu in zip(self._gpus, self._slots, models)
+            for g, slot, per_gpu in zip(self._gpus, self._slots, models, strict=True)
         )
         errors = tuple(e for g in gpus for e in g.errors)
         if not covered and not errors:

@@ -1,0 +1,22 @@
+"""The Pareto frontier of accuracy against energy: the models no other model beats on both."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def pareto_frontier(df: pd.DataFrame, *, energy: str = "energy_per_image_j", accuracy: str = "top1") -> pd.DataFrame:
+    """The rows not dominated by another row, sorted by energy (ascending).
+
+    A row is dominated when another has lower-or-equal energy and higher-or-equal accuracy, better in at least one.
+    Of rows tied on both, the first is kept. Rows whose energy or accuracy is missing (NaN) are left out; the index
+    of ``df`` is kept, so the result can be joined back.
+    """
+    usable = df[np.isfinite(df[energy].to_numpy(float)) & np.isfinite(df[accuracy].to_numpy(float))]
+    # Lowest energy first and, at equal energy, the most accurate first: a row is then on the frontier exactly when
+    # it is more accurate than every row before it.
+    order = usable.sort_values([energy, accuracy], ascending=[True, False], kind="mergesort")
+    best_so_far = np.maximum.accumulate(order[accuracy].to_numpy(float))
+    previous_best = np.concatenate(([-np.inf], best_so_far[:-1]))
+    return order[order[accuracy].to_numpy(float) > previous_best]
