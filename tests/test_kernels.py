@@ -455,3 +455,38 @@ def test_model_with_concurrent_streams():
     over = attribute(tl, t, p, a, b, response=H100)
     assert over.kernel_energy_j.sum() == pytest.approx(sum(r.energy_j for r in over.rows[:-2]), rel=1e-12)
     assert sum(r.energy_j for r in over.rows) == pytest.approx(over.energy_j, rel=1e-9)
+
+
+def test_model_keeps_classes_the_readings_cannot_separate_near_the_common_power():
+    """A forward pass repeated every 5 ms: twelve classes of 0.1-0.5 ms each, always in the same order, far faster
+    than the sensor's 12.5 ms low-pass, with 13 W of model error (as on resnet50): the readings hardly tell the classes
+    apart. Without a prior the fit put classes below idle and above 700 W here (on resnet50 it said 4266 W on a
+    700 W board); with it, powers stay physical, the total is right, and the stated uncertainties cover the truth."""
+    rng = np.random.default_rng(3)
+    power_w = {f"k{i}": float(w) for i, w in enumerate(rng.uniform(150.0, 650.0, 12))}
+    dur_ns = [int(d) for d in rng.uniform(0.1, 0.5, 12) * MS]
+    start, end, name = [], [], []
+    t = T0 + 100 * MS
+    for _ in range(2000):
+        u = t
+        for cls, d in zip(power_w, dur_ns, strict=True):
+            start.append(u)
+            end.append(u + d)
+            name.append(cls)
+            u += d
+        t += 5 * MS
+    tl, a, b = timeline_of(start, end, name), T0, t + 100 * MS
+    stamps = a - 60 * MS + np.cumsum(20 * MS + rng.integers(-3 * MS, 3 * MS + 1, size=(b - a) // (20 * MS) + 12))
+    p = np.full(stamps.size, IDLE_W) + rng.normal(0.0, 13.0, stamps.size)
+    for cls, w in power_w.items():
+        sel = tl.name == cls
+        p += (w - IDLE_W) * filtered_indicator(np.stack([tl.start_ns[sel], tl.end_ns[sel]], axis=1), stamps, H100)
+    att = attribute(tl, stamps, p, a, b, response=H100, method="model")
+    rows = by_name(att)
+    d = (tl.end_ns - tl.start_ns) / 1e9
+    truth = {c: w * float(d[tl.name == c].sum()) for c, w in power_w.items()}
+    for cls, true_j in truth.items():
+        assert IDLE_W <= att.class_power_w[cls] <= 700.0, (cls, att.class_power_w[cls])
+        assert abs(rows[cls].energy_j - true_j) <= 2 * rows[cls].uncertainty_j, cls
+    assert sum(rows[c].energy_j for c in truth) == pytest.approx(sum(truth.values()), rel=0.02)
+    assert any("cannot tell some kernel classes apart" in n for n in att.notes)
