@@ -100,6 +100,19 @@ def test_sweep_writes_sane_rows_and_resumes_without_repeating(sweep_fake, tmp_pa
     assert (third.skipped, third.measured, third.run_ids) == (4, 0, ())
 
 
+def test_resume_skips_what_another_board_of_the_same_model_measured_unless_per_board(sweep_fake, tmp_path):
+    run_sweep(_options(tmp_path))
+    db = tmp_path / "sweep.sqlite"
+    with sqlite3.connect(db) as conn:  # as if measured on another node's H100
+        conn.execute("UPDATE results SET gpu_uuid = 'GPU-00000000-0000-0000-0000-0000000000bb'")
+    again = run_sweep(_options(tmp_path))
+    assert (again.planned, again.skipped, again.measured) == (2, 2, 0)
+    board = run_sweep(_options(tmp_path, per_board=True))
+    assert (board.planned, board.skipped, board.measured) == (2, 0, 2)
+    with SweepStore(db) as store:
+        assert len({r.gpu_uuid for r in store.results()}) == 2
+
+
 def test_failures_become_rows_and_the_sweep_goes_on(sweep_fake, tmp_path):
     models = ("tiny_compile_error", "tiny_crash", "tiny_hang", "tiny_oom", "vit_base_patch16_224@224")
     summary = run_sweep(_options(tmp_path, models=models, timeout_s=3.0))

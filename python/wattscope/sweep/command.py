@@ -111,6 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="load weights from timm's local cache (energy does not depend on them; default random)",
     )
     run.add_argument("--retry-failures", action="store_true", help="measure again what failed in earlier runs")
+    run.add_argument("--per-board", action="store_true",
+                     help="measure on this GPU even what another GPU of the same model already measured in the file "
+                          "(default: resume by GPU model, so a job on another node of the same kind continues)")
     run.add_argument(
         "--device",
         choices=("cuda", "cpu"),
@@ -191,6 +194,7 @@ def options_from_args(args: argparse.Namespace):  # -> SweepOptions (runner impo
         idle_s=args.idle_s,
         warmup_s=args.warmup_s,
         retry_failures=args.retry_failures,
+        per_board=args.per_board,
         command=shlex.join(["wattscope", *sys.argv[1:]]),
         progress=not args.quiet,
     )

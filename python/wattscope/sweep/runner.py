@@ -92,6 +92,8 @@ class SweepOptions:
     idle_s: float = 3.0  # idle-power baseline per GPU
     warmup_s: float = 10.0  # cap on warm-up per configuration
     retry_failures: bool = False  # measure again what failed before
+    # Skip only what this very board measured, not what another GPU of the same model did (board-to-board studies).
+    per_board: bool = False
     command: str = ""  # the command line, recorded with the run
     progress: bool = True  # the progress line on stderr
 
@@ -453,7 +455,9 @@ def run_sweep(options: SweepOptions, *, stream: IO[str] | None = None) -> SweepS
     with SweepStore(options.db_path) as store:
         done: set[tuple[str, str]] = set()
         for g in plan.gpus:
-            done |= store.done_keys(g.uuid, retry_failures=options.retry_failures)
+            boards = {g.uuid} if options.per_board else {g.uuid} | store.gpus_of_model(g.name)
+            for uuid in sorted(boards):
+                done |= store.done_keys(uuid, retry_failures=options.retry_failures)
         pending = [it for it in plan.items if it.key not in done]
         skipped = len(plan.items) - len(pending)
         if not pending:

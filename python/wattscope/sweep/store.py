@@ -9,7 +9,9 @@ no NaN, so a NaN is stored as NULL and read back as NaN (or as None where the fi
 
 Resume: a result is identified by (``gpu_uuid``, ``unit_key``, ``config_key``) and the first one stored wins: a
 repeat is ignored, so rerunning a sweep over a file never duplicates nor silently replaces a measurement (to
-measure again, write to a new file). Failures are kept per run as history; ``done_keys`` says what a resumed sweep
+measure again, write to a new file). The runner skips by GPU model unless asked for every board
+(``SweepOptions.per_board``): a batch job that lands on another node of the same model resumes instead of starting
+over. Failures are kept per run as history; ``done_keys`` says what a resumed sweep
 can skip.
 
 Durability: the sweep's parent process is the only writer of a file (workers only measure), and each row is one
@@ -471,6 +473,12 @@ class SweepStore:
             args = args * 2
         with self._lock:
             return {(u, c) for u, c in self._conn.execute(sql, args)}
+
+    def gpus_of_model(self, gpu_name: str) -> set[str]:
+        """UUIDs of the GPUs with results here whose model (NVML name) is ``gpu_name``."""
+        with self._lock:
+            rows = self._conn.execute("SELECT DISTINCT gpu_uuid FROM results WHERE gpu_name = ?", (gpu_name,))
+            return {r[0] for r in rows}
 
     def _select(self, table: str, cls: type) -> list[Any]:
         columns = _TABLE_COLUMNS[table]
