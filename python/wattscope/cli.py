@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "wattscope.embed.command",
     "wattscope.analysis.command",
     "wattscope.webapp.command",
+    "wattscope.quickstart",
 )
 
 
