@@ -83,6 +83,18 @@ for _ in range(2):
     echo "torch.profiler alone, run $i: exit $?"
   done 2>&1 | tee "$OUT/exitcheck.txt"
 fi
+if has graphs; then
+  mark graphs
+  python3 "$repo/bench/cuda_graph_kernels.py" 2>&1 | tee "$OUT/cuda_graph_kernels.txt"
+fi
+if has run_kernels; then
+  # `wattscope run --kernels` on a Python child: its kernels attributed against the parent's readings.
+  mark run_kernels
+  wattscope run --kernels -o "$OUT/run_kernels.json" -- python3 -c "import torch
+a = torch.randn(4096, 4096, device='cuda', dtype=torch.bfloat16)
+for _ in range(3000): a @ a
+torch.cuda.synchronize()" 2>&1 | tee "$OUT/run_kernels.txt"
+fi
 if has run_vs; then
   mark run_vs
   python3 "$repo/bench/run_vs_inprocess.py" 2>&1 | tee "$OUT/run_vs_inprocess.txt"
