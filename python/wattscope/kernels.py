@@ -615,13 +615,8 @@ def _model(timeline: KernelTimeline, clipped: KernelTimeline, keys: np.ndarray, 
     bounds = np.searchsorted(all_cls[order], np.arange(len(classes) + 1))
     for j in range(len(classes)):
         x[:, 1 + j] = response_to(order[bounds[j] : bounds[j + 1]])
-    coef, free, sigma2, cov, prior_w = _fit_with_prior(x, pf, response_to(np.flatnonzero(all_cls >= 0)))
+    coef, free, sigma2, cov, common_w = _fit_with_prior(x, pf, response_to(np.flatnonzero(all_cls >= 0)))
     resid = pf - x @ coef
-    if prior_w is not None:
-        notes.append(f"the readings cannot tell some kernel classes apart (they always run in the same mix, faster "
-                     f"than the sensor's {response.describe()} resolves): their powers stay near the common busy "
-                     f"power {prior_w:.0f} W above idle, within a prior of +-{_PRIOR_SCALE_W:.0f} W that their "
-                     "uncertainties include")
 
     idle_w = float(coef[0])
     k = len(classes)
@@ -640,6 +635,15 @@ def _model(timeline: KernelTimeline, clipped: KernelTimeline, keys: np.ndarray, 
     g[:, 0] = occ_c / _NS_PER_S
     g[np.arange(k), 1 + np.arange(k)] = busy_in / _NS_PER_S
     class_unc = {c: math.sqrt(max(0.0, float(g[j] @ cov @ g[j]))) for j, c in enumerate(classes)}
+    # The prior is doing the work where a class's power is still uncertain by a quarter of the prior's width; say so
+    # when such classes hold a noticeable share of the energy (a tiny [other] always leans on it, harmlessly).
+    leaning = np.sqrt(np.maximum(np.diag(cov)[1:], 0.0)) > 0.25 * _PRIOR_SCALE_W
+    class_j = np.bincount(cls, weights=kernel_j, minlength=k) if k else np.zeros(0)
+    if not math.isnan(common_w) and float(class_j[leaning].sum()) > 0.05 * window.energy_j:
+        notes.append(f"the readings cannot tell some kernel classes apart (they always run in the same mix, faster "
+                     f"than the sensor's {response.describe()} resolves): their powers stay near the common busy "
+                     f"power {common_w:.0f} W above idle, within a prior of +-{_PRIOR_SCALE_W:.0f} W that their "
+                     "uncertainties include")
     total_g = np.concatenate(([(b - a) / _NS_PER_S], busy_in / _NS_PER_S))
     idle_j = idle_w * idle_time_ns / _NS_PER_S
     idle_unc = math.sqrt(max(0.0, float(cov[0, 0]))) * idle_time_ns / _NS_PER_S
@@ -656,7 +660,7 @@ def _model(timeline: KernelTimeline, clipped: KernelTimeline, keys: np.ndarray, 
 
 
 def _fit_with_prior(x: np.ndarray, p: np.ndarray, busy_any: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float | None]:
+                    ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float]:
     """NNLS of ``p ~ x @ coef`` (column 0 idle, the others class increments), with a weak prior on the increments.
 
     A periodic workload (a model's forward pass repeated every few ms) runs its kernel classes in the same proportions
@@ -667,13 +671,13 @@ def _fit_with_prior(x: np.ndarray, p: np.ndarray, busy_any: np.ndarray
     variance over the prior variance, is far below what the readings say about any identifiable class, so it only
     decides the directions the readings leave open, and the covariance includes it (an unresolved class gets an
     uncertainty of the prior's size, not a false precision). Returns coef, free, sigma2, covariance and the common
-    increment (None when the readings pin every class down on their own, so no note is due)."""
+    increment."""
     m, n = x.shape
     coef0, free0 = nnls(x, p)
     resid0 = p - x @ coef0
     sigma2 = float(resid0 @ resid0) / max(1, m - int(free0.sum()))
     if n <= 2:
-        return coef0, free0, sigma2, _covariance(x, free0, sigma2), None
+        return coef0, free0, sigma2, _covariance(x, free0, sigma2), math.nan
     common, _ = nnls(np.column_stack([np.ones(m), busy_any]), p)
     root_w = math.sqrt(max(sigma2, 1e-12)) / _PRIOR_SCALE_W
     prior_rows = np.zeros((n - 1, n))
@@ -681,10 +685,7 @@ def _fit_with_prior(x: np.ndarray, p: np.ndarray, busy_any: np.ndarray
     xa = np.vstack([x, prior_rows])
     pa = np.concatenate([p, np.full(n - 1, root_w * common[1])])
     coef, free = nnls(xa, pa)
-    cov = _covariance(xa, free, sigma2)
-    # The prior is doing the work where a class's power is still uncertain by a quarter of the prior's width.
-    leaning = np.sqrt(np.maximum(np.diag(cov)[1:], 0.0)) > 0.25 * _PRIOR_SCALE_W
-    return coef, free, sigma2, cov, float(common[1]) if bool(leaning.any()) else None
+    return coef, free, sigma2, _covariance(xa, free, sigma2), float(common[1])
 
 
 def _union_by_group(group: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray, n_groups: int) -> np.ndarray:
