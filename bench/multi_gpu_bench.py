@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workloads import gemm_loop
+
 DEFAULT_SWEEP_ARGS = [
     "--models",
     "resnet18@224,resnet50@224,mobilenetv3_large_100@224,efficientnet_b0@224,convnext_tiny@224,densenet121@224,"
@@ -186,21 +188,6 @@ def run_fake(args: argparse.Namespace) -> int:
 # -- real GPUs ------------------------------------------------------------------------------------------------------
 
 
-def _gemm_loop(torch, index: int, seconds: float, size: int = 8192) -> int:
-    dev = torch.device("cuda", index)
-    a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
-    c = torch.empty_like(a)
-    n = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(20):
-            torch.matmul(a, b, out=c)
-        n += 20
-        torch.cuda.synchronize(dev)
-    return n
-
-
 def run_isolation(gpus: tuple[int, ...], seconds: float) -> bool:
     import torch
 
@@ -222,9 +209,9 @@ def run_isolation(gpus: tuple[int, ...], seconds: float) -> bool:
     print("|---|---:|---:|---:|---:|---|")
     ok = True
     for busy, quiet in (pair, pair[::-1]):
-        _gemm_loop(torch, busy, 2.0)  # clocks and power settle; cuBLAS picks its kernel
+        gemm_loop(torch, busy, 2.0)  # clocks and power settle; cuBLAS picks its kernel
         with PowerMeter(list(pair), name=f"load on cuda:{busy}") as m:
-            _gemm_loop(torch, busy, seconds)
+            gemm_loop(torch, busy, seconds)
         r = m.result
         g_busy, g_quiet = r.gpu(busy), r.gpu(quiet)
         delta_w = g_quiet.mean_power_w - idle[quiet]

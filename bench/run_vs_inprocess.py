@@ -26,26 +26,15 @@ import math
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from workloads import gemm_loop
 
 
 def _gemm_loop(seconds: float, size: int, torch_index: int) -> tuple[int, float]:
-    """A bf16 GEMM loop on one GPU for about ``seconds``, in batches of 20 launches; returns (GEMMs, seconds)."""
     import torch
 
-    dev = torch.device("cuda", torch_index)
-    a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
-    c = torch.empty_like(a)
-    n = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(20):
-            torch.matmul(a, b, out=c)
-        n += 20
-        torch.cuda.synchronize(dev)
-    return n, time.perf_counter() - t0
+    return gemm_loop(torch, torch_index, seconds, size)
 
 
 def _torch_index(uuid: str) -> int:

@@ -50,6 +50,18 @@ def _ignore_torch_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(devices, "_torch_uuids", lambda: None)
 
 
+@pytest.fixture
+def cupti(fake, monkeypatch: pytest.MonkeyPatch):
+    """The bundled fake CUPTI, which the product loads through WATTSCOPE_CUPTI_PATH (with the fake NVML)."""
+    from wattscope import _session
+
+    lib = open_fake_cupti()
+    monkeypatch.setenv("WATTSCOPE_CUPTI_PATH", str(lib.path))
+    yield lib
+    _session.reset()
+    lib.fake_cupti_reset()
+
+
 def open_fake_cupti():
     """The bundled fake CUPTI as a ctypes library with its control API typed, or a skip: when the build has no fake,
     or when a real libcupti is already in this process (a CUDA build of torch loads one), which wattscope would reuse

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import open_fake_cupti
 
 from wattscope import MeasurementError, PowerMeter, _session
 from wattscope.kernel_session import KernelTracingUnavailableError
@@ -19,15 +18,6 @@ KIND_KERNEL = 10
 KIND_MEMCPY = 1
 CUPTI_ERROR_INSUFFICIENT_PRIVILEGES = 35
 MS = 1_000_000
-
-
-@pytest.fixture
-def cupti(fake, monkeypatch: pytest.MonkeyPatch):
-    lib = open_fake_cupti()
-    monkeypatch.setenv("WATTSCOPE_CUPTI_PATH", str(lib.path))
-    yield lib
-    _session.reset()
-    lib.fake_cupti_reset()
 
 
 def _inject(lib, name: bytes | None, start_ns: int, end_ns: int, *, device: int = 0, kind: int = KIND_KERNEL) -> None:

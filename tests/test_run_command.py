@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import open_fake_cupti
 
-from wattscope import _session, cli
+from wattscope import cli
 from wattscope.embed import child_tracing
 from wattscope.embed.runner import run_command
 from wattscope.testing import fake_nvml_path
@@ -177,15 +176,6 @@ def test_cpu_energy_beside_the_gpus(fake, tmp_path: Path) -> None:
     assert r.cpu.energy_j == pytest.approx(7.5)
     trial = r.to_trial()
     assert trial["cpu.package-0.energy_j"] == pytest.approx(7.5) and trial["energy_j"] > 0
-
-
-@pytest.fixture
-def cupti(fake, monkeypatch: pytest.MonkeyPatch):
-    lib = open_fake_cupti()
-    monkeypatch.setenv("WATTSCOPE_CUPTI_PATH", str(lib.path))
-    yield lib
-    _session.reset()
-    lib.fake_cupti_reset()
 
 
 _KERNEL_CHILD = """
