@@ -125,8 +125,36 @@ def test_synthetic_database_refuses_to_overwrite(synthetic):
         synthetic_database(synthetic)
 
 
-def test_the_shipped_database_is_found_from_the_repository():
+def test_the_shipped_database_is_found_in_the_package_or_the_checkout():
+    # A wheel carries a copy inside the package; an editable install or a checkout on sys.path has the repository's.
     path = shipped_database()
-    assert path.name == "sweep.sqlite" and path.parent.name == "h100"
+    assert path.parts[-3:] == ("data", "h100", "sweep.sqlite")
     df = load_results(path)
     assert len(df) > 0 and df["gpu_name"].str.contains("H100").all()
+
+
+def test_the_installed_copy_comes_first_and_is_read_without_a_trace(tmp_path, monkeypatch, synthetic):
+    """The lookup, with this module's sources placed as in an installed wheel (site/wattscope/analysis/) inside a
+    fake checkout (data/h100/ two levels above the package)."""
+    from wattscope.analysis import results
+
+    package = tmp_path / "site" / "wattscope"
+    monkeypatch.setattr(results, "__file__", str(package / "analysis" / "results.py"))
+    packaged, checkout = package / "data/h100/sweep.sqlite", tmp_path / "data/h100/sweep.sqlite"
+    with pytest.raises(ResultsError, match="neither in the installed package .* nor in a repository checkout"):
+        shipped_database()
+    for path in (checkout, packaged):
+        path.parent.mkdir(parents=True)
+        src, dst = sqlite3.connect(synthetic), sqlite3.connect(path)
+        src.backup(dst)
+        assert dst.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # as the sweep leaves it
+        src.close()
+        dst.close()  # the last connection: SQLite removes the -wal and -shm files
+    assert sorted(p.name for p in packaged.parent.iterdir()) == ["sweep.sqlite"]
+    assert shipped_database() == packaged.resolve()
+    # Read-only opens of a WAL database create -shm/-wal files beside it: impossible in a read-only site-packages
+    # ("attempt to write a readonly database"), litter in a writable one. The installed copy is opened immutable.
+    assert len(load_results(packaged)) > 0
+    assert sorted(p.name for p in packaged.parent.iterdir()) == ["sweep.sqlite"]
+    packaged.unlink()
+    assert shipped_database() == checkout.resolve()

@@ -1,7 +1,8 @@
 """Analysis of sweep results: the accuracy-energy frontier and its fit, the energy-efficiency score, the savings
 of each method, the factors behind energy, figures, and a synthetic database with known answers.
 
-results.py (loading, joining with the timm catalog, ResultsError), frontier.py (Pareto frontier), fit.py (the
+results.py (loading, joining with the timm catalog, ResultsError; the rows left out for an unusable energy, with
+an AnalysisWarning that names them; boards of one GPU model combined), frontier.py (Pareto frontier), fit.py (the
 three forms of energy against accuracy, compared by AIC), score.py (the versioned A-G score), methods.py (savings
 of bf16, channels_last, compile, ...), factors.py (regressions on GMACs, activations, parameters, input size),
 figures.py (matplotlib PNGs), synthetic.py (a database with planted answers), command.py (`wattscope analyze`,
@@ -18,6 +19,13 @@ from typing import Any
 
 _EXPORTS = {
     "ResultsError": "results",
+    "AnalysisWarning": "results",
+    "unusable_energy": "results",
+    "usable_energy": "results",
+    "has_usable_energy": "results",
+    "describe_unusable": "results",
+    "combine_boards": "results",
+    "connect_read_only": "results",
     "load_results": "results",
     "shipped_database": "results",
     "slices": "results",

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "db",
         nargs="?",
         metavar="DB",
-        help="sweep database (default: the shipped H100 sweep, data/h100/sweep.sqlite, in a repository checkout)",
+        help="sweep database (default: the H100 sweep shipped with wattscope: the copy installed in the package, "
+        "else data/h100/sweep.sqlite of the repository checkout)",
     )
     s = p.add_argument_group("slice")
     s.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"))
@@ -88,13 +90,27 @@ def _fail(command: str, e: BaseException) -> int:
 def _figures(args: argparse.Namespace) -> int:
     try:
         from .figures import write_figures
+        from .results import describe_unusable, unusable_energy
 
         path, df = _load(args)
-        written = write_figures(df, args.out, **_where(args))
+        with warnings.catch_warnings():
+            _ignore_analysis_warnings()
+            written = write_figures(df, args.out, **_where(args))
     except (WattscopeError, ModuleNotFoundError, ValueError, OSError) as e:
         return _fail("figures", e)
+    note = describe_unusable(unusable_energy(df))
+    if note:
+        print(f"wattscope figures: note: {note}", file=sys.stderr)
     print(f"from {path}: wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _ignore_analysis_warnings() -> None:
+    """Inside ``warnings.catch_warnings()``: the analysis functions' ``AnalysisWarning``s would each name the same
+    rows again; the commands name them once, for the whole database (``describe_unusable``)."""
+    from .results import AnalysisWarning
+
+    warnings.simplefilter("ignore", AnalysisWarning)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -113,29 +129,40 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
     from .factors import factors
     from .fit import _jsonable, fit_frontier
     from .methods import method_savings_by_family
-    from .results import select_slice, slice_label
+    from .results import combine_boards, describe_unusable, select_slice, slice_label, unusable_energy, usable_energy
     from .score import SCORE_VERSION, score_formula, score_models
 
     path, df = _load(args)
-    rows = select_slice(df, **_where(args))
-    rows = rows[rows["top1"].notna()]
-    fit = fit_frontier(rows)
-    scores = (
-        rows[["unit_key", "family", "top1", "energy_per_image_j", "energy_per_image_ci95_j"]]
-        .join(score_models(rows, fit))
-        .sort_values("ratio")
-    )
-    gpu = rows["gpu_name"].iloc[0]
-    methods = method_savings_by_family(df[df["gpu_name"] == gpu])
-    report_factors = factors(rows)
+    with warnings.catch_warnings():
+        _ignore_analysis_warnings()
+        rows = select_slice(df, **_where(args))
+        rows = rows[rows["top1"].notna()]
+        fit = fit_frontier(rows)
+        # One score per model: a model measured on several boards is scored on their combined energy.
+        models = combine_boards(usable_energy(rows, "score"))
+        scores = (
+            models[["unit_key", "family", "top1", "energy_per_image_j", "energy_per_image_ci95_j", "n_boards"]]
+            .join(score_models(models, fit))
+            .sort_values("ratio")
+        )
+        gpu = rows["gpu_name"].iloc[0]
+        methods = method_savings_by_family(df[df["gpu_name"] == gpu])
+        report_factors = factors(rows)
+    excluded = unusable_energy(df)
 
     def records(frame: Any) -> list[dict[str, Any]]:
         return [{k: _jsonable(v) for k, v in r.items()} for r in frame.to_dict("records")]
 
+    excluded_columns = [c for c in ("id", "unit_key", "config_key", "gpu_uuid", "energy_per_image_j", "reason")
+                        if c in excluded.columns]
     return {
         "database": str(path),
         "slice": slice_label(rows.iloc[0]),
-        "n_models": len(rows),
+        "n_models": len(models),
+        "n_results": len(rows),
+        "n_boards": int(rows["gpu_uuid"].nunique()),
+        "excluded": records(excluded[excluded_columns]),
+        "excluded_note": describe_unusable(excluded) or None,
         "fit": fit.to_dict(),
         "score_version": SCORE_VERSION,
         "score_formula": score_formula(),
@@ -155,7 +182,15 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 def _render(r: dict[str, Any]) -> str:
     fit = r["fit"]
-    out = [f"{r['database']}: {r['slice']}, {r['n_models']} models with a timm accuracy", "", fit["verdict"], ""]
+    boards = (
+        f" ({r['n_results']} results from {r['n_boards']} boards of this GPU, combined per model)"
+        if r["n_results"] != r["n_models"] or r["n_boards"] > 1
+        else ""
+    )
+    out = [f"{r['database']}: {r['slice']}, {r['n_models']} models with a timm accuracy{boards}", ""]
+    if r["excluded_note"]:
+        out += [f"Note: {r['excluded_note']}", ""]
+    out += [fit["verdict"], ""]
     out.append(
         f"Fit of ln(energy per image) against top-1 along the frontier ({len(fit['frontier'])} points; "
         "parameters with 95 % intervals; accuracy measured from 80 %):"
@@ -186,13 +221,16 @@ def _render(r: dict[str, Any]) -> str:
             out.append(
                 f"    {band:<4}{_g(s['ratio'], '.2f'):>6}x  {s['unit_key']:<36} top-1 {s['top1']:.1f} %  "
                 f"{s['energy_per_image_j'] * 1000:.1f} mJ/image"
+                + (f" (mean of {s['n_boards']} boards)" if s["n_boards"] > 1 else "")
             )
     if r["methods"]:
         out += ["", "Energy saved by each method (geometric mean over models, 95 % interval):"]
         for m in r["methods"]:
+            cross = m.get("n_cross_board") or 0
             out.append(
                 f"  {m['method']:<14}{100 * m['saving_frac']:6.1f} %  [{100 * m['ci95_low']:.1f}, "
                 f"{100 * m['ci95_high']:.1f}]  over {m['n_models']} models"
+                + (f" ({cross} of them only from pairs across two boards)" if cross else "")
             )
     fac = r["factors"]
     out += ["", "Factors (ln energy against ln factor, one at a time; slope = elasticity):"]

@@ -4,6 +4,10 @@ Within one configuration slice, ``ln E`` (E: J per image) is regressed on the lo
 activations, parameters, input size: the slope is an elasticity, % energy per % factor), on all of them together
 (partial effects: each slope with the others held fixed, and each factor's partial R², the share of the variance
 left by the others that it explains), and on the family alone (one-way R²). Intervals are t intervals of OLS.
+
+Each model is one point: results of one model and configuration from several boards of the GPU model are combined
+first (``combine_boards``), so that a second board does not count a model twice. Results whose energy is not a
+positive finite number are left out, with an ``AnalysisWarning`` naming them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from .results import combine_boards, usable_energy
 
 FACTORS = {"gmacs": "gmacs", "activations": "activations_m", "params": "params_m", "img_size": "img_size"}
 
@@ -50,9 +56,10 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, f
 
 
 def factors(df: pd.DataFrame) -> FactorReport:
-    """Regress ln(energy per image) on the factors of ``df``'s rows (pass one configuration slice)."""
-    energy = df["energy_per_image_j"].to_numpy(float)
-    y_all = np.log(np.where(energy > 0, energy, np.nan))
+    """Regress ln(energy per image) on the factors of ``df``'s rows (pass one configuration slice); ``n`` counts
+    models (see the module docstring)."""
+    df = combine_boards(usable_energy(df, "factors"))
+    y_all = np.log(df["energy_per_image_j"].to_numpy(float))
     rows = []
     for name, column in FACTORS.items():
         x = np.log(df[column].to_numpy(float))

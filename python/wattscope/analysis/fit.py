@@ -36,7 +36,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 from .frontier import pareto_frontier
-from .results import ResultsError
+from .results import ResultsError, combine_boards, usable_energy
 
 A_REF_PCT = 80.0
 FORMS = ("double_exponential", "exponential", "power_law")
@@ -113,11 +113,13 @@ def fit_frontier(df: pd.DataFrame) -> FrontierFit:
     """Fit the three forms to the Pareto frontier of ``df`` (top-1 against energy per image) and compare them.
 
     Pass one configuration slice (``select_slice``): across configurations the frontier mixes precisions. Rows
-    without a positive energy are left out (ln E). Raises ResultsError when the frontier has fewer than
-    ``MIN_POINTS`` points (its points always differ in accuracy: of equally accurate models only the cheapest is
-    on it).
+    whose energy is not a positive finite number have no ln E: they are left out with an ``AnalysisWarning`` naming
+    them. A model measured on several boards of the GPU model is one point (``combine_boards``: the geometric mean
+    of its boards' energies), so a second board neither adds points nor lets the cheaper board's noise pull the
+    frontier down. Raises ResultsError when the frontier has fewer than ``MIN_POINTS`` points (its points always
+    differ in accuracy: of equally accurate models only the cheapest is on it).
     """
-    frontier = pareto_frontier(df[df["energy_per_image_j"] > 0])
+    frontier = pareto_frontier(combine_boards(usable_energy(df, "frontier fit")))
     n = len(frontier)
     if n < MIN_POINTS:
         raise ResultsError(

@@ -4,12 +4,27 @@
 writing to it, checks that the columns analysis needs are there, and adds the catalog's accuracy, compute and
 family to each row. Every way a file can be unusable (missing, not SQLite, not a sweep file, another schema version,
 no results yet, missing columns) is a ``ResultsError`` whose message names the file, what is wrong and what to do.
+
+Two rules every analysis function follows:
+
+- **Unusable energies are left out, by name.** A row whose ``energy_per_image_j`` is not a positive finite number
+  (zero, negative, missing or infinite: a failed or hand-edited result) has no logarithm and no ratio. The frontier,
+  the fit, the score, the method savings and the factors leave such rows out and say so with an ``AnalysisWarning``
+  that names them (``unusable_energy`` lists them, ``describe_unusable`` words them); they never fail on them.
+- **Boards of one GPU model are one GPU.** A GPU is identified by its ``gpu_name`` (e.g. "NVIDIA H100 80GB HBM3"),
+  not by the board (``gpu_uuid``): the shipped sweep was measured on two H100 boards and is one H100 dataset.
+  Slices, frontiers, scores, method pairs and factors group by ``gpu_name``. Where one model and configuration was
+  measured on several boards, analyses that need one point per model (the frontier fit, the factors, the slice's
+  model count) combine those results into one (``combine_boards``); the stored rows stay as they are (``load_results``
+  returns one row per stored result, each with its ``gpu_uuid``).
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import urllib.parse
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +38,11 @@ from ..sweep import store as _store
 class ResultsError(WattscopeError):
     """A sweep database cannot be analysed: missing file, not a sweep database, another schema version, no results,
     missing columns, or too little data for what was asked. The message says what is wrong and what to do."""
+
+
+class AnalysisWarning(UserWarning):
+    """Results left out of an analysis because their energy per image is not a positive finite number. The message
+    names them (unit, configuration, board and ``results.id``) and says which analysis left them out."""
 
 
 # The columns of the results table that analysis reads; any other column is passed through untouched.
@@ -49,17 +69,39 @@ _BOOL_COLUMNS = ("channels_last", "compile", "cuda_graphs")
 SLICE_COLUMNS = ("gpu_name", "batch_size", "precision", "channels_last", "compile", "cuda_graphs")
 
 
+SHIPPED_DATABASE = "data/h100/sweep.sqlite"  # relative to the repository's root, and to the installed package
+
+
 def shipped_database() -> Path:
-    """The H100 sweep shipped in the repository (``data/h100/sweep.sqlite`` beside ``python/``), or ResultsError
-    when wattscope does not run from a checkout of its repository."""
-    path = Path(__file__).resolve().parents[3] / "data" / "h100" / "sweep.sqlite"
-    if not path.is_file():
-        raise ResultsError(
-            f"no database given and the shipped H100 sweep is not at {path} (it is only in a checkout of the "
-            "wattscope repository, not in an installed wheel). Give the path of a sweep database, e.g. one "
-            "written by `wattscope sweep --db results.sqlite`."
-        )
-    return path
+    """The H100 sweep shipped with wattscope: the copy installed in the package (``wattscope/data/h100/sweep.sqlite``
+    beside these sources, put there by CMakeLists.txt's install rule, so a wheel carries it), else
+    ``data/h100/sweep.sqlite`` of the repository checkout these sources are in. Both are looked for relative to this
+    file, not with ``importlib.resources`` or beside ``_core``: an editable install keeps its installed copy beside
+    ``_core``, away from the sources, so it finds the checkout's file, the one a sweep extends in place, never a stale
+    copy from the last build. ResultsError when neither exists."""
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / SHIPPED_DATABASE
+    checkout = package.parents[1] / SHIPPED_DATABASE
+    for path in (packaged, checkout):
+        if path.is_file():
+            return path
+    raise ResultsError(
+        f"no database given and the shipped H100 sweep is neither in the installed package ({packaged}) nor in a "
+        f"repository checkout ({checkout}): this installation was built without it. Give the path of a sweep "
+        "database, e.g. one written by `wattscope sweep --db results.sqlite`."
+    )
+
+
+def connect_read_only(path: str | Path) -> sqlite3.Connection:
+    """An SQLite connection that cannot write to ``path``. The shipped database's installed copy is opened as
+    immutable: it is in WAL mode (the sweep that wrote it leaves it so), and a read-only open of a WAL database
+    creates ``-shm``/``-wal`` files beside it, which fails in a read-only site-packages ("attempt to write a readonly
+    database") and litters a writable one. Any other file may be a sweep still writing, so it is opened normally."""
+    path = Path(path)
+    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
+    if path.resolve() == Path(__file__).resolve().parents[1] / SHIPPED_DATABASE:
+        uri += "&immutable=1"
+    return sqlite3.connect(uri, uri=True)
 
 
 def load_results(db_path: str | Path) -> pd.DataFrame:
@@ -88,9 +130,8 @@ def _read_results(path: Path) -> pd.DataFrame:
         raise ResultsError(f"no sweep database at {path}: check the path, or write one with `wattscope sweep --db`.")
     if not path.is_file():
         raise ResultsError(f"{path} is not a file: give the path of a sweep database (.sqlite).")
-    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True)
+        conn = connect_read_only(path)
     except sqlite3.Error as e:
         raise ResultsError(f"cannot open {path}: {e}. Check that the file is readable.") from e
     try:
@@ -183,12 +224,23 @@ def _nan(value: float | None) -> float:
 
 
 def slices(df: pd.DataFrame) -> pd.DataFrame:
-    """The configurations present (one row per slice of ``SLICE_COLUMNS``), with ``n_models`` (rows with an
-    accuracy) and ``median_energy_per_image_j``, largest first."""
-    scored = df.assign(_has_top1=df["top1"].notna())
+    """The configurations present (one row per slice of ``SLICE_COLUMNS``), largest first: ``n_models`` (distinct
+    models with an accuracy and a usable energy: a model measured on two boards counts once), ``n_boards``
+    (distinct ``gpu_uuid``), ``n_rows`` (stored results) and ``median_energy_per_image_j`` (of the usable
+    energies)."""
+    usable = has_usable_energy(df)
+    scored = df.assign(
+        _model=df["unit_key"].where(df["top1"].notna() & usable),
+        _energy_j=df["energy_per_image_j"].where(usable),
+    )
     out = (
         scored.groupby(list(SLICE_COLUMNS), dropna=False)
-        .agg(n_models=("_has_top1", "sum"), median_energy_per_image_j=("energy_per_image_j", "median"))
+        .agg(
+            n_models=("_model", "nunique"),
+            n_boards=("gpu_uuid", "nunique"),
+            n_rows=("unit_key", "size"),
+            median_energy_per_image_j=("_energy_j", "median"),
+        )
         .reset_index()
     )
     return out.sort_values(["n_models", "median_energy_per_image_j"], ascending=[False, True]).reset_index(drop=True)
@@ -222,3 +274,105 @@ def select_slice(df: pd.DataFrame, **where: object) -> pd.DataFrame:
     for name in SLICE_COLUMNS:
         mask &= (df[name] == chosen[name]).to_numpy()
     return df[mask]
+
+
+# --- rows analysis cannot use, and boards of one GPU model -------------------------------------------------------
+
+ENERGY = "energy_per_image_j"
+_MAX_NAMED = 12  # rows named in one message; the rest are counted
+
+
+def has_usable_energy(df: pd.DataFrame, energy: str = ENERGY) -> np.ndarray:
+    """A boolean per row of ``df``: its ``energy`` is a positive finite number."""
+    e = pd.to_numeric(df[energy], errors="coerce").to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(e) & (e > 0)
+
+
+def unusable_energy(df: pd.DataFrame, energy: str = ENERGY) -> pd.DataFrame:
+    """The rows of ``df`` (same index) whose ``energy`` is not a positive finite number, with ``reason``: "zero",
+    "negative", "missing" or "infinite". Empty when every row can be analysed."""
+    bad = df[~has_usable_energy(df, energy)]
+    values = pd.to_numeric(bad[energy], errors="coerce").to_numpy(float)
+    reason = np.select(
+        [np.isnan(values), np.isinf(values), values == 0], ["missing", "infinite", "zero"], default="negative"
+    )
+    return bad.assign(reason=reason)
+
+
+def describe_unusable(bad: pd.DataFrame, energy: str = ENERGY) -> str:
+    """One sentence naming the rows of ``unusable_energy`` (empty string for none): unit, configuration, board
+    (the ``gpu_uuid`` up to its first dash group) and ``results.id``, with the stored value."""
+    if bad.empty:
+        return ""
+    names = []
+    for index, rec in zip(bad.index[:_MAX_NAMED], bad.head(_MAX_NAMED).to_dict("records"), strict=True):
+        where = [str(rec.get("config_key") or ""), str(rec.get("gpu_uuid") or "")[:12]]
+        if isinstance(rec.get("id"), (int, np.integer)):
+            where.append(f"results.id {int(rec['id'])}")
+        else:  # a frame not read from a sweep file: its row label is all there is
+            where.append(f"row {index}")
+        value = float(rec[energy]) if rec[energy] is not None else math.nan
+        shown = "missing" if math.isnan(value) else f"{value:g}"
+        names.append(f"{rec.get('unit_key') or 'a result'} ({', '.join(w for w in where if w)}): {energy} {shown}")
+    more = len(bad) - len(names)
+    n = len(bad)
+    return (
+        f"{n} result{'s' if n != 1 else ''} left out, {energy} not a positive finite number: "
+        + "; ".join(names)
+        + (f"; and {more} more (wattscope.analysis.unusable_energy lists them all)" if more > 0 else "")
+        + ". Measure them again (`wattscope sweep` resumes) or delete those rows."
+    )
+
+
+def usable_energy(df: pd.DataFrame, analysis: str, energy: str = ENERGY, stacklevel: int = 3) -> pd.DataFrame:
+    """``df`` without the rows of ``unusable_energy``; an ``AnalysisWarning`` naming them, prefixed with
+    ``analysis`` (what leaves them out), when there are any. ``stacklevel`` as for ``warnings.warn``, counted from
+    the caller of this function."""
+    mask = has_usable_energy(df, energy)
+    if not mask.all():
+        warnings.warn(f"{analysis}: {describe_unusable(unusable_energy(df, energy), energy)}", AnalysisWarning,
+                      stacklevel=stacklevel)
+    return df[mask]
+
+
+BOARD_KEY = ("gpu_name", "unit_key", "config_key")
+
+
+def combine_boards(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per GPU model, model and configuration (``BOARD_KEY``): results of one model and configuration
+    measured on several boards of one GPU model (same ``gpu_name``, different ``gpu_uuid``) become one row, so that
+    a model counts once in a frontier fit or a regression.
+
+    The combined ``energy_per_image_j`` is the geometric mean of the boards' energies (analysis works on ln E). Its
+    ``energy_per_image_ci95_j`` is the larger of two relative half-widths, times that mean: the measurement
+    intervals combined (root sum of squares of the relative half-widths, over the number of boards) and half the
+    spread of ln E between the boards, so the interval covers every board's value: boards differ by more than their
+    own intervals (up to 10 % on the shipped H100 data), and two boards are too few to estimate that spread better.
+    ``n_boards`` is the number of results combined and ``gpu_uuid`` lists their boards, comma-separated; every other
+    column is the first stored row's, whose index the combined row keeps. Rows that are alone keep their values
+    (``n_boards`` 1), as do all rows of a frame without the ``BOARD_KEY`` columns (one not from ``load_results``).
+    Pass usable energies only (``usable_energy``)."""
+    keys = list(BOARD_KEY)
+    out = df.assign(n_boards=1)
+    if not set(keys) <= set(df.columns) or not df.duplicated(keys).any():
+        return out
+    firsts = ~df.duplicated(keys, keep="first")
+    groups = df.groupby(keys, sort=False, dropna=False)
+    log_e = np.log(df[ENERGY].to_numpy(float))
+    rel = np.nan_to_num(df["energy_per_image_ci95_j"].to_numpy(float) / df[ENERGY].to_numpy(float), nan=0.0)
+    work = pd.DataFrame({"log_e": log_e, "rel2": rel**2}, index=df.index)
+    gid = groups.ngroup()
+    agg = work.groupby(gid).agg(mean=("log_e", "mean"), lo=("log_e", "min"), hi=("log_e", "max"),
+                                rel2=("rel2", "sum"), n=("log_e", "size"))
+    uuids = df["gpu_uuid"].astype(str).groupby(gid).agg(lambda u: ",".join(sorted(set(u))))
+    first = out[firsts].copy()
+    g = gid[firsts].to_numpy()
+    mean_j = np.exp(agg["mean"].to_numpy()[g])
+    n = agg["n"].to_numpy()[g]
+    half_rel = np.maximum(np.sqrt(agg["rel2"].to_numpy()[g]) / n, (agg["hi"] - agg["lo"]).to_numpy()[g] / 2.0)
+    first[ENERGY] = mean_j
+    first["energy_per_image_ci95_j"] = mean_j * half_rel
+    first["n_boards"] = n
+    first["gpu_uuid"] = uuids.to_numpy()[g]
+    return first

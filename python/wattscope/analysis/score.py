@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .fit import FrontierFit, fit_frontier
+from .results import has_usable_energy, usable_energy
 
 SCORE_VERSION = "1"
 BANDS = ("A", "B", "C", "D", "E", "F", "G")
@@ -40,17 +41,21 @@ def score_models(df: pd.DataFrame, fit: FrontierFit | None = None) -> pd.DataFra
     ``ratio_high``, ``band``, ``band_low`` (the band of ``ratio_low``: the best the model may be), ``band_high``,
     ``straddles`` (``band_low != band_high``), ``extrapolated`` (top-1 outside the frontier's range: compared with
     the frontier's end) and ``score_version``. Rows without an accuracy get NaN ratios and a missing band
-    (NA).
+    (None); so do rows whose energy is not a positive finite number (a zero energy is no ratio of 0, band A), with
+    an ``AnalysisWarning`` naming them. Every row is scored on its own, so a model measured on two boards has a
+    score per board; ``score_models(combine_boards(df), fit)`` scores each model once.
 
     ``fit``: the frontier to compare with; None fits ``df``'s own frontier (pass one configuration slice then).
     """
+    usable = has_usable_energy(df)
+    rows = usable_energy(df, "score")  # warns, naming the rows without a score
     if fit is None:
-        fit = fit_frontier(df)
+        fit = fit_frontier(rows)
     top1 = df["top1"].to_numpy(float)
-    energy_j = df["energy_per_image_j"].to_numpy(float)
+    energy_j = np.where(usable, df["energy_per_image_j"].to_numpy(float), np.nan)
     ci_j = np.nan_to_num(df["energy_per_image_ci95_j"].to_numpy(float), nan=0.0)
     frontier_j = np.full(len(df), np.nan)
-    known = np.isfinite(top1)
+    known = np.isfinite(top1) & usable
     frontier_j[known] = fit.predict_energy_j(top1[known])
     ratio = energy_j / frontier_j
     ratio_low = np.maximum(energy_j - ci_j, 0.0) / frontier_j

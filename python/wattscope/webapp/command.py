@@ -13,7 +13,10 @@ from pathlib import Path
 
 from ..errors import WattscopeError
 
-_DB_HELP = "a sweep database (default: the H100 sweep shipped in the repository, data/h100/sweep.sqlite)"
+_DB_HELP = (
+    "a sweep database (default: the H100 sweep shipped with wattscope: the copy installed in the package, else "
+    "data/h100/sweep.sqlite of the repository checkout)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -14,6 +14,9 @@ Every number is a float, int or None (NaN becomes None), so the dict dumps as st
 - ``savings``: ``by_unit`` (``"<gpu_name>|<unit_key>"`` -> the model's method savings), ``by_family`` (``methods``,
   ``families``: ``{family, values: {method: {saving_frac, ci95_low, ci95_high, n_models, helps, hurts}}}``), ``note``.
 - ``columns`` (the CSV's), ``source`` (the file and its ``meta``), ``format`` (``PAYLOAD_FORMAT``).
+- ``excluded``: the rows every analysis left out because their energy is not a positive finite number: ``rows``
+  (their ids) and ``note`` (a sentence naming them, or None); ``build_payload`` also warns it once
+  (``AnalysisWarning``).
 
 ``kernels_json`` (written by kernel tracing; the sweep leaves it empty so far) is read in either of two shapes: a
 list of kernel rows (``wattscope.kernels.COLUMNS``: ``name``, ``calls``, ``time_s``, ``energy_j``,
@@ -29,6 +32,7 @@ import json
 import math
 import sqlite3
 import urllib.parse
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -94,16 +98,27 @@ def build_payload(db_path: str | Path) -> dict[str, Any]:
     from ..analysis import (
         BAND_EDGES,
         SCORE_VERSION,
+        AnalysisWarning,
         ResultsError,
+        describe_unusable,
         load_results,
         method_savings,
         method_savings_by_family,
         score_formula,
+        unusable_energy,
     )
 
     path = Path(db_path)
     df = load_results(path).reset_index(drop=True)
-    slices, scores, on_frontier = _slices(df)
+    excluded = unusable_energy(df)
+    with warnings.catch_warnings():
+        # Each analysis would name the same rows again, per slice: they are named once, under "excluded".
+        warnings.simplefilter("ignore", AnalysisWarning)
+        slices, scores, on_frontier = _slices(df)
+        savings = _savings(method_savings(df), method_savings_by_family(df))
+    excluded_note = describe_unusable(excluded)
+    if excluded_note:
+        warnings.warn(f"{path.name}: {excluded_note}", AnalysisWarning, stacklevel=2)
     rows = []
     for i, rec in enumerate(df.to_dict("records")):
         row = {c: _plain(rec.get(c)) for c in TABLE_COLUMNS if c not in _SCORE_COLUMNS and c != "on_frontier"}
@@ -142,7 +157,8 @@ def build_payload(db_path: str | Path) -> dict[str, Any]:
         "columns": list(TABLE_COLUMNS),
         "rows": rows,
         "slices": slices,
-        "savings": _savings(method_savings(df), method_savings_by_family(df)),
+        "savings": savings,
+        "excluded": {"rows": [int(i) for i in excluded.index], "note": excluded_note or None},
     }
 
 
@@ -225,8 +241,9 @@ def _method_order(method: str) -> tuple[int, int, str]:
 
 
 def _meta(path: Path) -> dict[str, str]:
-    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True)
+    from ..analysis import connect_read_only
+
+    conn = connect_read_only(path)
     try:
         return {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
     finally:

@@ -498,9 +498,24 @@
     var list = state.data.savings.by_unit[r.gpu_name + "|" + r.unit_key];
     if (!list || !list.length) return el("span", { class: "missing", text: "not measured (no pair of configurations " +
       "of this model that differ in one method)" });
-    return el("ul", null, list.map(function (s) {
-      var ci = isNum(s.ci95_low) && isNum(s.ci95_high) ? " [" + fmtPct(s.ci95_low) + ", " + fmtPct(s.ci95_high) + "]" : "";
-      return el("li", { title: s.from_config + " → " + s.to_config, text: s.method + ": " + fmtPct(s.saving_frac) + ci });
+    // The same pair of configurations measured on several boards gives one pair per board: show them as one line.
+    var groups = [], byKey = {};
+    list.forEach(function (s) {
+      var key = s.method + "|" + s.from_config + "|" + s.to_config;
+      if (!byKey[key]) { byKey[key] = []; groups.push(byKey[key]); }
+      byKey[key].push(s);
+    });
+    return el("ul", null, groups.map(function (g) {
+      var s = g[0], text;
+      if (g.length === 1) {
+        var ci = isNum(s.ci95_low) && isNum(s.ci95_high) ? " [" + fmtPct(s.ci95_low) + ", " + fmtPct(s.ci95_high) + "]" : "";
+        text = s.method + ": " + fmtPct(s.saving_frac) + ci;
+      } else {
+        var v = g.map(function (x) { return x.saving_frac; }).sort(function (a, b) { return a - b; });
+        text = s.method + ": " + fmtPct(v[Math.floor((v.length - 1) / 2)]) + " (median of " + v.length +
+          " pairs of boards, " + fmtPct(v[0]) + " to " + fmtPct(v[v.length - 1]) + ")";
+      }
+      return el("li", { title: s.from_config + " → " + s.to_config, text: text });
     }));
   }
 
@@ -600,7 +615,8 @@
     var d = state.data;
     var src = d.source || {};
     $("source").textContent = [src.db, src.gpus && src.gpus.length ? src.gpus.join(", ") : null,
-      d.rows.length + (d.rows.length === 1 ? " result" : " results"), "score v" + d.score.version].filter(Boolean).join(" · ");
+      d.rows.length + (d.rows.length === 1 ? " result" : " results"), "score v" + d.score.version,
+      d.excluded && d.excluded.note].filter(Boolean).join(" · ");
     $("formula").textContent = d.score.formula;
     var fam = d.savings.by_family;
     $("savings-note").textContent = d.savings.note || "";
