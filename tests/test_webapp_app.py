@@ -53,12 +53,8 @@ KERNELS = {
 @pytest.fixture(scope="module")
 def synthetic_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic database with kernel data stored on its first result (the sweep leaves kernels_json empty)."""
-    path = synthetic_database(tmp_path_factory.mktemp("webapp") / "synthetic.sqlite", n_models=N_MODELS, seed=3)
-    conn = sqlite3.connect(path)
-    with conn:
-        conn.execute("UPDATE results SET kernels_json = ? WHERE id = 1", (json.dumps(KERNELS),))
-    conn.close()
-    return path
+    return synthetic_database(tmp_path_factory.mktemp("webapp") / "synthetic.sqlite", n_models=N_MODELS, seed=3,
+                              first_kernels=KERNELS)
 
 
 @pytest.fixture(scope="module")

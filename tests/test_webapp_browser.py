@@ -70,12 +70,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = synthetic_database(tmp_path_factory.mktemp("browser") / "synthetic.sqlite", n_models=30, seed=1)
-    conn = sqlite3.connect(path)
-    with conn:
-        conn.execute("UPDATE results SET kernels_json = ? WHERE id = 1", (json.dumps(KERNELS),))
-    conn.close()
-    return path
+    return synthetic_database(tmp_path_factory.mktemp("browser") / "synthetic.sqlite", n_models=30, seed=1,
+                              first_kernels=KERNELS)
 
 
 @pytest.fixture(scope="module")

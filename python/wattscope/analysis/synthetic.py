@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,13 @@ _EXTRA: tuple[tuple[str, dict[str, Any], int], ...] = (
 )
 
 
-def synthetic_database(path: str | Path, *, n_models: int = 60, seed: int = 0) -> Path:
+def synthetic_database(path: str | Path, *, n_models: int = 60, seed: int = 0, first_kernels: dict | None = None
+                       ) -> Path:
     """Write a sweep database with the known answers of ``PLANTED`` (see the module docstring) to ``path``, which
     must not exist yet. ``n_models`` timm units (at least 8) spread over ``TOP1_RANGE_PCT``; ``seed`` fixes which
-    units, how far above the frontier the others lie, and the noise. Returns the path."""
+    units, how far above the frontier the others lie, and the noise. ``first_kernels`` (the ``kernels_json``
+    document: ``kernels`` rows and a ``power`` timeline) is stored on the first result, as a sweep with kernel tracing
+    would. Returns the path."""
     path = Path(path)
     if path.exists():
         raise ValueError(f"{path} exists: synthetic_database writes a new file")
@@ -146,6 +150,10 @@ def synthetic_database(path: str | Path, *, n_models: int = 60, seed: int = 0) -
                 failed_utc="2026-01-01T00:00:00+00:00",
             )
         )
+    if first_kernels is not None:
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE results SET kernels_json = ? WHERE id = 1", (json.dumps(first_kernels),))
+        conn.close()
     return path
 
 

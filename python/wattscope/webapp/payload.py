@@ -212,14 +212,16 @@ def _slice_key(rec: Mapping[str, Any]) -> str:
 
 
 def _savings(pairs: Any, by_family: Any) -> dict[str, Any]:
+    from ..analysis.methods import method_order
+
     by_unit: dict[str, list[dict[str, Any]]] = {}
     for rec in pairs.to_dict("records"):
         by_unit.setdefault(f"{rec['gpu_name']}|{rec['unit_key']}", []).append(
             {k: _plain(rec[k]) for k in _SAVING_FIELDS}
         )
     for savings in by_unit.values():
-        savings.sort(key=lambda x: _method_order(x["method"]))
-    methods = sorted(set(by_family["method"]), key=_method_order) if len(by_family) else []
+        savings.sort(key=lambda x: method_order(x["method"]))
+    methods = sorted(set(by_family["method"]), key=method_order) if len(by_family) else []
     families: dict[str, dict[str, Any]] = {}
     for rec in by_family.to_dict("records"):
         values = families.setdefault(rec["family"], {"family": rec["family"], "values": {}})["values"]
@@ -229,15 +231,6 @@ def _savings(pairs: Any, by_family: Any) -> dict[str, Any]:
     # "all" first: the summary above the families.
     ordered = sorted(families.values(), key=lambda f: (f["family"] != "all", f["family"]))
     return {"by_unit": by_unit, "by_family": {"methods": methods, "families": ordered}, "note": SAVINGS_NOTE}
-
-
-def _method_order(method: str) -> tuple[int, int, str]:
-    fixed = ("bf16", "fp16", "tf32", "channels_last", "compile", "cuda_graphs")
-    if method in fixed:
-        return (0, fixed.index(method), method)
-    if method.startswith("batch_") and method[6:].isdigit():
-        return (1, int(method[6:]), method)
-    return (2, 0, method)
 
 
 def _meta(path: Path) -> dict[str, str]:
