@@ -209,6 +209,45 @@ def test_nested_meters(fake):
     assert inner.result.energy_j < outer.result.energy_j
 
 
+def test_phases_are_windows_of_their_own_summed_by_name(fake):
+    pd = pytest.importorskip("pandas")
+    fake.set_trace(0, [0.0, 0.1], [150.0, 450.0], repeat_period_s=0.25)
+    with PowerMeter(0) as m:
+        with m.phase("load"):
+            time.sleep(0.2)
+        with m.phase("step"):
+            time.sleep(0.15)
+            with m.phase("inner"):  # nested: counted in full, inside "step" too
+                time.sleep(0.1)
+        with m.phase("load"):
+            time.sleep(0.1)
+    table = m.phases
+    assert isinstance(table, pd.DataFrame)
+    rows = table.set_index("name")
+    assert list(rows["calls"].loc[["load", "step", "inner"]]) == [2, 1, 1]
+    windows = {w.name: [] for w in m._phases}
+    for w in m._phases:
+        _assert_matches(fake, w.result)  # each phase integrates its own stretch of the trace
+        windows[w.name].append(w.result)
+    for name, results in windows.items():
+        assert rows.loc[name, "energy_j"] == pytest.approx(sum(r.energy_j for r in results), rel=1e-12)
+        assert rows.loc[name, "time_s"] == pytest.approx(sum(r.duration_s for r in results), rel=1e-12)
+        assert rows.loc[name, "share"] == pytest.approx(rows.loc[name, "energy_j"] / m.result.energy_j, rel=1e-12)
+    assert rows.loc["step", "energy_j"] > rows.loc["inner", "energy_j"]
+    assert rows["energy_j"].sum() - rows.loc["inner", "energy_j"] <= m.result.energy_j  # phases lie inside the window
+
+
+def test_phase_needs_a_running_meter(fake):
+    m = PowerMeter(0)
+    with pytest.raises(MeasurementError, match="running meter"), m.phase("x"):
+        pass
+    with m:
+        pass
+    with pytest.raises(MeasurementError, match="running meter"), m.phase("x"):
+        pass
+    assert len(m.phases) == 0
+
+
 def test_concurrent_meters_in_threads(fake):
     fake.set_trace(0, [0.0, 0.07], [100.0, 500.0], repeat_period_s=0.17)
     results = {}

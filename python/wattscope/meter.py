@@ -6,6 +6,7 @@ work (waiting for the sensor samples that cover the window's end, integrating) h
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,6 +104,7 @@ class PowerMeter:
         self._result: Measurement | None = None
         self._calls: list[PowerMeter] = []
         self._calls_lock = threading.Lock()
+        self._phases: list[PowerMeter] = []  # phase() windows of the current window, in the order they opened
         # -- kernel tracing (kernel_session.py) --
         self._kernels_mode = kernels
         self._kernel_tracer: Any = None
@@ -134,6 +136,8 @@ class PowerMeter:
         self._session.sampler().acquire()
         self._sync()
         self._result = None
+        with self._calls_lock:
+            self._phases = []
         self._stop_ns = None
         self._start_ns = _session.core().mono_ns()
         # The counter is read every few seconds only (4 ms a call on H100): a reading at each edge, taken by the
@@ -208,6 +212,54 @@ class PowerMeter:
             out.append(LivePower(g.cuda_index, g.uuid, power_w, (now_ns - t_ns) / 1e9 if fresh else math.inf,
                                  source))
         return tuple(out)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[PowerMeter]:
+        """A named stretch of the running window: ``with m.phase("decode"): ...``; ``m.phases`` sums them by name.
+
+        Each phase is a window of its own over the same readings and GPUs, with the meter's ``sync_cuda``: the GPUs
+        are synchronised at both of its edges, so a phase holds the GPU work launched inside it (what ran on the GPU
+        between its edges, not the time the host took to queue it). The price is a synchronisation at each edge,
+        which drains the launch queue; phases may nest and repeat, and may be entered from several threads.
+        Kernel attribution per phase is not done: with ``kernels=True`` the window's ``m.kernels`` covers them all.
+        """
+        if not self.running:
+            raise MeasurementError("phase() needs a running meter: use it inside `with PowerMeter() as m:` or between "
+                                   "start() and stop()")
+        assert self._gpus is not None
+        window = PowerMeter([g.uuid for g in self._gpus], name=name, sync_cuda=self.sync_cuda,
+                            wait_timeout_s=self.wait_timeout_s, strict=self.strict)
+        with self._calls_lock:
+            self._phases.append(window)
+        with window:
+            yield window
+
+    @property
+    def phases(self) -> Any:
+        """Energy per phase name as a pandas DataFrame, largest first: ``name``, ``calls``, ``time_s``, ``energy_j``,
+        ``uncertainty_j`` (the calls' added in quadrature), ``mean_power_w`` and ``share`` of the window's energy.
+        Nested phases are each counted in full, so shares may add up to more than 1."""
+        import pandas as pd
+
+        self._require_closed()
+        with self._calls_lock:
+            windows = list(self._phases)
+        columns = ["name", "calls", "time_s", "energy_j", "uncertainty_j", "mean_power_w", "share"]
+        rows: dict[str, list[float]] = {}
+        for w in windows:
+            r = w.result
+            acc = rows.setdefault(str(w.name), [0, 0.0, 0.0, 0.0])
+            acc[0] += 1
+            acc[1] += r.duration_s
+            acc[2] += r.energy_j
+            acc[3] += r.uncertainty_j**2
+        total_j = self.result.energy_j
+        table = pd.DataFrame(
+            [[name, int(n), t, e, math.sqrt(u2), e / t if t > 0 else math.nan, e / total_j if total_j > 0 else math.nan]
+             for name, (n, t, e, u2) in rows.items()],
+            columns=columns,
+        )
+        return table.sort_values("energy_j", ascending=False, ignore_index=True)
 
     @property
     def results(self) -> list[Measurement]:
