@@ -1,8 +1,11 @@
 #include "wattscope/kernel_tracer.hpp"
 
+#include <cxxabi.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -222,12 +225,22 @@ struct TracerCore {
     }
   }
 
-  // CUPTI keeps one name string per kernel function for the life of its module: intern by pointer, copy once.
+  // CUPTI keeps one name string per kernel function for the life of its module: intern by pointer, copy once,
+  // demangled as torch.profiler and Nsight show it ("void at::native::...<8, ...>(...)", not "_ZN2at6native...").
   int32_t intern(const char* name) {
     if (name == nullptr) return -1;
     const auto [it, inserted] = name_ids.try_emplace(name, static_cast<int32_t>(names.size()));
-    if (inserted) names.emplace_back(name);
+    if (inserted) names.push_back(demangled(name));
     return it->second;
+  }
+
+  static std::string demangled(const char* name) {
+    int status = 0;
+    char* out = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+    if (status != 0 || out == nullptr) return name;  // not a mangled C++ name (extern "C", cuBLAS's nvjet_*)
+    std::string readable(out);
+    std::free(out);
+    return readable;
   }
 
   const std::shared_ptr<CuptiLibrary> lib;

@@ -485,7 +485,25 @@ void test_start_reclaims_a_buffer_another_client_left_in_cupti() {
   CHECK_EQ(t.stats().buffers_outstanding, 0u);
 }
 
+void test_kernel_names_are_demangled() {
+  KernelTracer t(open_fake(), TracerConfig{});
+  t.start();
+  inject_kernel_now("_ZN2at6native18elementwise_kernelILi128ELi4EEEvii", 7, 1);
+  inject_kernel_now("nvjet_sm90_tst_256x128", 7, 2);
+  inject_kernel_now("_Zbroken", 7, 3);
+  CHECK(t.flush());
+  const TracerSnapshot snap = t.snapshot();
+  CHECK_EQ(snap.names.size(), 3u);
+  if (snap.names.size() == 3u) {
+    CHECK_EQ(snap.names[0], std::string("void at::native::elementwise_kernel<128, 4>(int, int)"));
+    CHECK_EQ(snap.names[1], std::string("nvjet_sm90_tst_256x128"));  // not mangled: as CUPTI gave it
+    CHECK_EQ(snap.names[2], std::string("_Zbroken"));                // not demanglable: as CUPTI gave it
+  }
+  t.stop();
+}
+
 const TestCase kTests[] = {
+    {"kernel_names_are_demangled", test_kernel_names_are_demangled},
     {"start_reclaims_a_buffer_another_client_left_in_cupti", test_start_reclaims_a_buffer_another_client_left_in_cupti},
     {"open_reports_version_and_path", test_open_reports_version_and_path},
     {"open_missing_library", test_open_missing_library},
