@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -222,6 +223,24 @@ def test_kernel_meter_opened_while_torch_profiler_runs_traces_only_after_it(fake
     rows = m.kernel_attribution(method="overlap").table.set_index("name")
     assert {"after", "[untraced]"} <= set(rows.index)
     assert rows.loc["[untraced]", "time_s"] >= 0.1
+
+
+def test_a_forked_childs_torch_profiler_does_not_touch_the_parents_tracing(fake, cupti) -> None:
+    torch = pytest.importorskip("torch")
+    fake.set_trace(0, [0.0], [200.0])
+    with PowerMeter(0, kernels=True):  # the parent's tracing now listens to torch.profiler
+        pid = os.fork()
+        if pid == 0:  # the child: its profiler must run without calling into the parent's sampler
+            code = 0
+            try:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+                    torch.ones(4) + 1
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _session.current().kernel_tracing()._held_by is None  # the parent was not suspended by the child
 
 
 def test_an_injected_cuda_tool_turns_kernel_tracing_off_with_a_warning(fake, cupti, monkeypatch) -> None:

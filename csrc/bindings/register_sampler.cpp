@@ -119,6 +119,7 @@ void register_sampler(py::module_& m) {
         d["drains"] = st.drains;
         d["threads_started"] = st.threads_started;
         d["thread_cpu_ns"] = st.thread_cpu_ns;
+        d["chore_cpu_ns"] = st.chore_cpu_ns;
         d["thread_wall_ns"] = st.thread_wall_ns;
         d["realtime_offset_ns"] = st.realtime_offset_ns;
         d["realtime_offset_uncertainty_ns"] = st.realtime_offset_uncertainty_ns;

@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <optional>
 
 #include "numpy_owned.hpp"
@@ -127,13 +128,13 @@ void register_tracer(py::module_& m) {
           sampler.set_chore(nullptr, 0);
           return;
         }
-        if (!(period_s > 0)) throw py::value_error("period_s must be positive");
+        if (!std::isfinite(period_s) || period_s <= 0) throw py::value_error("period_s must be a positive number");
         // Weak: the sampler must not keep a stopped tracer (and its CUPTI state) alive; flush() on a stopped
         // tracer is a no-op, and a tracer destroyed meanwhile is skipped.
         std::weak_ptr<KernelTracer> weak = tracer;
         sampler.set_chore(
             [weak] {
-              if (auto t = weak.lock()) t->flush(false);
+              if (auto t = weak.lock()) t->try_flush();
             },
             static_cast<int64_t>(period_s * 1e9));
       },

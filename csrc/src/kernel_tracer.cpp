@@ -181,6 +181,15 @@ struct TracerCore {
     return retired && outstanding == 0;
   }
 
+  // A retired core whose buffers are all back frees its pool (the records stay): a window spanning many
+  // torch.profiler cycles keeps one stopped core per cycle. Called with registry().mu held, under which alone
+  // owns() reads the pool, so no callback can be looking at it.
+  void release_pool() {
+    std::lock_guard<std::mutex> lk(pool_mu);
+    std::vector<uint64_t>().swap(storage);
+    std::vector<uint8_t*>().swap(free_list);
+  }
+
   void parse(uint8_t* buffer, size_t valid_bytes, CUcontext context, uint32_t stream) {
     const CuptiSymbols& sym = lib->sym();
     std::size_t dropped_now = 0;
@@ -235,6 +244,9 @@ struct TracerCore {
   }
 
   static std::string demangled(const char* name) {
+    // Only mangled function names: __cxa_demangle also reads type encodings, and would turn a kernel named "f" or
+    // "i" (extern "C") into "float" or "int".
+    if (std::strncmp(name, "_Z", 2) != 0) return name;
     int status = 0;
     char* out = abi::__cxa_demangle(name, nullptr, nullptr, &status);
     if (status != 0 || out == nullptr) return name;  // not a mangled C++ name (extern "C", cuBLAS's nvjet_*)
@@ -316,11 +328,14 @@ void on_buffer_complete(CUcontext context, uint32_t stream, uint8_t* buffer, siz
       }
     }
   }
-  if (core == nullptr) return;  // only our request callback hands out buffers, so this is not reached
+  // Not one of ours: a buffer another client (Kineto) left inside CUPTI, handed back by the forced flush at our
+  // start. Its owner may have freed it: do not read it; CUPTI no longer holds it either.
+  if (core == nullptr) return;
   core->parse(buffer, valid_bytes, context, stream);
   if (core->give_back(buffer)) {
     std::lock_guard<std::mutex> lk(reg.mu);
     erase_core(reg, core.get());
+    core->release_pool();
   }
 }
 
@@ -335,7 +350,10 @@ void retire(const std::shared_ptr<TracerCore>& core) {
     core->retired = true;
     idle = core->outstanding == 0;
   }
-  if (idle) erase_core(reg, core.get());
+  if (idle) {
+    erase_core(reg, core.get());
+    core->release_pool();
+  }
 }
 
 }  // namespace
@@ -381,7 +399,9 @@ void KernelTracer::start() {
     // A client before us (torch.profiler's Kineto) may have left a buffer inside CUPTI and freed it: enabling now
     // would make CUPTI write our records into freed memory. A forced flush hands every such buffer to our complete
     // callback, which ignores buffers it did not hand out, so CUPTI lets go of them first.
-    cupti_->check("cuptiActivityFlushAll", sym.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED));
+    if (const CUptiResult rc = sym.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED); rc != CUPTI_SUCCESS) {
+      record_failure(cupti_->capture("cuptiActivityFlushAll", rc));  // a clean-up step: not a reason to fail
+    }
     std::vector<uint32_t> kinds{CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL};
     if (config_.memcpy) kinds.push_back(CUPTI_ACTIVITY_KIND_MEMCPY);
     if (config_.memset) kinds.push_back(CUPTI_ACTIVITY_KIND_MEMSET);
@@ -431,6 +451,15 @@ void KernelTracer::stop() {
 
 bool KernelTracer::flush(bool forced) {
   std::lock_guard<std::mutex> lk(control_mu_);
+  return flush_locked(forced);
+}
+
+bool KernelTracer::try_flush() {
+  std::unique_lock<std::mutex> lk(control_mu_, std::try_to_lock);
+  return lk.owns_lock() && flush_locked(false);
+}
+
+bool KernelTracer::flush_locked(bool forced) {
   if (!running_) return false;
   if (const CUptiResult rc = cupti_->sym().flush_all(forced ? uint32_t{CUPTI_ACTIVITY_FLAG_FLUSH_FORCED} : uint32_t{0});
       rc != CUPTI_SUCCESS) {

@@ -342,6 +342,7 @@ void Sampler::Impl::run() {
   // next tick must do; every NVML call happens with it released.
   std::unique_lock<std::mutex> lk(mu);
   const int64_t cpu_before_ns = stats.thread_cpu_ns;
+  int64_t chore_cpu_ns = 0;  // this thread run's CPU spent in the chore, kept out of thread_cpu_ns
   const int64_t wall_before_ns = stats.thread_wall_ns;
   RealtimeOffset current_offset = offset;
   while (!stop_requested) {
@@ -391,11 +392,6 @@ void Sampler::Impl::run() {
       }
     }
 
-    if (chore_now) {
-      chore_now();
-      chore_now = nullptr;  // released before the lock: the chore may own the last reference to what it calls
-    }
-
     const int64_t cpu_ns = thread_cpu_ns();
     lk.lock();
     publish_locked();
@@ -404,9 +400,23 @@ void Sampler::Impl::run() {
     stats.missed_deadlines += missed;
     stats.clock_steps += steps;
     ++stats.ticks;
-    stats.thread_cpu_ns = cpu_before_ns + (cpu_ns - cpu_start_ns);
+    stats.thread_cpu_ns = cpu_before_ns + (cpu_ns - cpu_start_ns - chore_cpu_ns);
     stats.thread_wall_ns = wall_before_ns + (mono_now_ns() - wall_start_ns);
     data_cv.notify_all();
+    if (chore_now) {
+      // After publishing: the tick's readings and whoever waits on them do not wait for the chore (a CUPTI flush
+      // parses every record since the last). Its CPU is the chore's owner's cost, counted apart.
+      lk.unlock();
+      const int64_t chore_start_ns = thread_cpu_ns();
+      chore_now();
+      // Released before the lock: the lambda's own shared_ptr may be the last reference to the tracer, whose
+      // destructor (stop) then runs here.
+      chore_now = nullptr;
+      const int64_t spent_ns = thread_cpu_ns() - chore_start_ns;
+      lk.lock();
+      chore_cpu_ns += spent_ns;
+      stats.chore_cpu_ns += spent_ns;
+    }
     int64_t wake_ns = INT64_MAX;
     for (int task = 0; task < kTaskCount; ++task)
       if (enabled[task]) wake_ns = std::min(wake_ns, due_ns[task]);
@@ -418,7 +428,7 @@ void Sampler::Impl::run() {
                        });
   }
   running = false;
-  stats.thread_cpu_ns = cpu_before_ns + (thread_cpu_ns() - cpu_start_ns);
+  stats.thread_cpu_ns = cpu_before_ns + (thread_cpu_ns() - cpu_start_ns - chore_cpu_ns);
   stats.thread_wall_ns = wall_before_ns + (mono_now_ns() - wall_start_ns);
   data_cv.notify_all();
 }

@@ -1050,6 +1050,10 @@ void test_chore_runs_on_the_thread_until_removed() {
         int64_t expected = 0;
         first_ns.compare_exchange_strong(expected, mono_now_ns());
         runs.fetch_add(1);
+        // ~2 ms of CPU per run, which stats() must book to the chore, not to the sampler's own work.
+        const int64_t until_ns = mono_now_ns() + 2 * kMs;
+        while (mono_now_ns() < until_ns) {
+        }
       },
       50 * kMs);
   sleep_ms(525);
@@ -1058,6 +1062,7 @@ void test_chore_runs_on_the_thread_until_removed() {
   CHECK_LE(n, 12);
   CHECK(!off_thread.load());
   CHECK_LE(first_ns.load() - set_ns, 20 * kMs);  // not left until the next scheduled tick
+  CHECK_GE(s.stats().chore_cpu_ns, static_cast<int64_t>(n - 1) * kMs);  // ~2 ms a run, with slack for sanitizers
   s.set_chore(nullptr, 0);
   const int after_removal = runs.load();
   sleep_ms(200);

@@ -89,6 +89,7 @@ class KernelTracing:
         self._segments: list[Any] = []  # every tracer of this run, stopped ones included (their records stay)
         self._untraced: list[list[Any]] = []  # [start_ns, stop_ns or None while open, holder]
         self._held_by: str | None = None  # who holds CUPTI now instead of us
+        self._pid = os.getpid()  # a forked child's profiler must not drive the parent's tracers
 
     def configure(self, **options: Any) -> None:
         """KernelTracer options (``buffer_bytes``, ``buffer_count``, ``capacity``, ...) for the next start."""
@@ -101,10 +102,11 @@ class KernelTracing:
         with self._lock:
             if self._users == 0:
                 self._segments, self._untraced = [], []
-                if self._held_by is None and profiler_guard.profiler_active():
-                    self._held_by = profiler_guard.HOLDER  # a profiler that began before we were watching
+                # Asked afresh at every first use: a holder remembered from an earlier run may have gone without
+                # telling us (a profiler that began before the wrappers were installed).
+                self._held_by = profiler_guard.HOLDER if profiler_guard.profiler_active() else None
                 if self._held_by is not None:
-                    self._untraced.append([self._core.mono_ns(), None, self._held_by])
+                    self._untraced.append([self._core.mono_ns(), None, f"{self._held_by} held CUPTI"])
                 else:
                     self._start()
             self._users += 1
@@ -139,26 +141,28 @@ class KernelTracing:
         """Another client is about to take CUPTI: stop recording (the forced flush in stop returns our buffers
         while our callbacks are still the registered ones) and mark the time untraced."""
         with self._lock:
-            if self._held_by is not None:
+            if self._held_by is not None or os.getpid() != self._pid:
                 return
             self._held_by = holder
             if self._users == 0:
                 return
             if self._active is not None:
                 self._stop_active()
-            self._untraced.append([self._core.mono_ns(), None, holder])
+            if not (self._untraced and self._untraced[-1][1] is None):  # a failed restart's stretch is still open
+                self._untraced.append([self._core.mono_ns(), None, f"{holder} held CUPTI"])
 
     def resume(self) -> None:
         """The other client let CUPTI go: close the untraced stretch and record again."""
         with self._lock:
-            if self._held_by is None:
+            if self._held_by is None or os.getpid() != self._pid:
                 return
             self._held_by = None
             if self._users == 0:
                 return
             now_ns = self._core.mono_ns()
-            if self._untraced and self._untraced[-1][1] is None:
-                self._untraced[-1][1] = now_ns
+            for stretch in self._untraced:
+                if stretch[1] is None:
+                    stretch[1] = now_ns
             try:
                 self._start()
             except KernelTracingUnavailableError as e:
@@ -294,9 +298,10 @@ def attribute_gpu(
     if capture.untraced:
         timeline = KernelTimeline.concat([timeline, _untraced_records(capture.untraced, gpu.cuda_index)])
         total_ns = sum(b - a for a, b, _ in capture.untraced)
-        holders = sorted({h for _, _, h in capture.untraced})
-        notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({'; '.join(holders)} held "
-                  "CUPTI): that time's energy is the [untraced] row",)
+        reasons = sorted({h for _, _, h in capture.untraced})
+        notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({'; '.join(reasons)}): that "
+                  "time's energy is the [untraced] row",)
+
     def run(chosen: str) -> Any:
         return attribute(timeline, gpu.t_ns, gpu.power_w, start_ns, stop_ns, response=response, method=chosen,
                          group_by=group_by)
@@ -309,6 +314,6 @@ def attribute_gpu(
         # The default must give an answer for any window: a window of a few sample periods has too few readings to
         # fit per-class powers, and the overlap split is then the best there is.
         att = run("overlap")
-        notes += (f"method 'overlap' chosen: {e}",)
+        notes += (f"method 'overlap' chosen: {e.reason}",)
     notes += tuple(f"kernel tracer failure: {f}" for f in capture.failures)
     return replace(att, notes=att.notes + notes) if notes else att

@@ -121,6 +121,10 @@ def _object_array(values: ArrayLike, name: str) -> np.ndarray:
 class WindowTooShortError(ValueError):
     """method='model' has too few readings inside the window to fit anything; method='overlap' still works."""
 
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; use method='overlap'")
+        self.reason = reason
+
 
 @dataclass(frozen=True, eq=False)
 class KernelTimeline:
@@ -576,7 +580,7 @@ def _model(timeline: KernelTimeline, clipped: KernelTimeline, keys: np.ndarray, 
     if m < 3:
         raise WindowTooShortError(
             f"method='model' needs at least 3 readings stamped in [start + delay + shape, stop + delay] "
-            f"({response.describe()}), got {m}: the window is too short; use method='overlap'"
+            f"({response.describe()}), got {m}: the window is too short"
         )
     durations = (clipped.end_ns - clipped.start_ns).astype(np.float64)
     names, inv = np.unique(keys.astype(str), return_inverse=True) if keys.size else (np.array([], str), keys)

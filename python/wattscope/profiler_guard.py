@@ -23,8 +23,10 @@ records. A profiler started outside Python (Kineto's on-demand mode, dynolog) is
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
+import warnings
 import weakref
 from typing import Any, Protocol
 
@@ -85,7 +87,21 @@ def _notify(method: str) -> None:
     with _lock:
         listeners = list(_listeners)
     for listener in listeners:
-        getattr(listener, method)(*((HOLDER,) if method == "suspend" else ()))
+        try:
+            getattr(listener, method)(*((HOLDER,) if method == "suspend" else ()))
+        except Exception as e:  # wattscope must never break the user's profiler
+            warnings.warn(f"wattscope could not {method} its kernel tracing around torch.profiler: {e}",
+                          RuntimeWarning, stacklevel=3)
+
+
+def _forget_in_child() -> None:
+    # A forked child's profiler must not call into the parent's tracing (its sampler belongs to the parent).
+    global _active, _listeners
+    _active = False
+    _listeners = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _wrap_take(fn: Any) -> Any:
@@ -108,9 +124,10 @@ def _wrap_release(fn: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         finally:
-            if _active:
-                _active = False
-                _notify("resume")
+            # Always: a profiler that began before the wrappers were installed was never marked active, yet a meter
+            # that saw it (profiler_active's fallback) waits for this resume; resume is idempotent.
+            _active = False
+            _notify("resume")
 
     setattr(wrapper, _MARK, True)
     return wrapper

@@ -116,8 +116,9 @@ class KernelTracer {
   KernelTracer(const KernelTracer&) = delete;
   KernelTracer& operator=(const KernelTracer&) = delete;
 
-  // Begins a new recording (the previous one's records are discarded): registers the buffer callbacks, enables
-  // CONCURRENT_KERNEL (and MEMCPY, MEMSET as configured) and takes the first clock point. No-op while running.
+  // Begins a new recording (the previous one's records are discarded): registers the buffer callbacks, force-flushes
+  // (so CUPTI lets go of buffers an earlier client left in it), enables CONCURRENT_KERNEL (and MEMCPY, MEMSET as
+  // configured) and takes the first clock point. No-op while running.
   // Throws CuptiError (kCuptiTracerBusy when another KernelTracer is running); on failure nothing stays enabled.
   void start();
   // Disables the kinds, force-flushes and takes the last clock point. No-op when not running. Never throws: CUPTI
@@ -126,6 +127,9 @@ class KernelTracer {
   // cuptiActivityFlushAll (forced or not) and a clock point. Returns false when not running. Safe from any thread,
   // concurrently with stop(); never throws (failures go to failures()).
   bool flush(bool forced = false);
+  // flush(false) unless another thread is in start/stop/flush right now (then false at once): for the sampler's
+  // periodic flush, which must not wait behind a window's forced flush.
+  bool try_flush();
   bool running() const;
 
   // The current (or last) recording so far. Records still inside CUPTI's buffers appear after the next flush.
@@ -136,6 +140,7 @@ class KernelTracer {
   static constexpr std::size_t kMaxFailures = 64;
 
  private:
+  bool flush_locked(bool forced);  // control_mu_ held
   void record_failure(CuptiFailure f);
   // A (monotonic, CUPTI, monotonic) triple into the clock fit; a cuptiGetTimestamp failure throws CuptiError when
   // throw_on_failure, else goes to failures().

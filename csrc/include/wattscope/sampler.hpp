@@ -83,7 +83,8 @@ struct SamplerStats {
   uint64_t missed_deadlines = 0;
   uint64_t drains = 0;
   uint64_t threads_started = 0;
-  int64_t thread_cpu_ns = 0;   // summed over every thread run so far
+  int64_t thread_cpu_ns = 0;   // summed over every thread run so far, the chore's share excluded
+  int64_t chore_cpu_ns = 0;    // CPU the chore (set_chore) took on this thread: its owner's cost
   int64_t thread_wall_ns = 0;
   int64_t realtime_offset_ns = 0;
   int64_t realtime_offset_uncertainty_ns = 0;
@@ -119,8 +120,8 @@ class Sampler {
   // covered. `series` < 0 waits for each device's best power source, else for that Series where supported.
   // Call without the GIL.
   bool wait_covered(int64_t t_ns, int64_t timeout_ns, int series = -1);
-  // Runs `chore` on the sampler thread every period_ns (and once more at each tick after it is set), with no lock
-  // held, after the tick's NVML calls; an empty function removes it. One chore at a time: the kernel tracer's
+  // Runs `chore` on the sampler thread at the first tick after it is set, then every period_ns, with no lock held,
+  // after the tick's readings are published (its CPU goes to stats().chore_cpu_ns); an empty function removes it. One chore at a time: the kernel tracer's
   // periodic flush, which must not run on an application thread (CUPTI's buffer callbacks run inside it) nor need
   // a thread of its own. The chore must not throw and must not call back into this Sampler.
   void set_chore(std::function<void()> chore, int64_t period_ns);
