@@ -28,7 +28,7 @@ def test_with_a_gpu_it_sweeps_then_serves_what_it_measured(monkeypatch, tmp_path
     assert calls[1] == ["serve", "--port", "8050", "--no-browser", db]
 
 
-@pytest.mark.parametrize("status", [1, 2])
+@pytest.mark.parametrize("status", [1, 2, 130])
 def test_a_failed_sweep_is_not_followed_by_serve(monkeypatch, status):
     calls: list[list[str]] = []
     real_main = cli.main

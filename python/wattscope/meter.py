@@ -173,10 +173,7 @@ class PowerMeter:
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            self._bind()  # resolve the devices once here, not in every call's window
-            child = PowerMeter(self.devices, name=self.name or fn.__qualname__, sync_cuda=self.sync_cuda,
-                               wait_timeout_s=self.wait_timeout_s, strict=self.strict, kernels=self._kernels_mode)
-            child._gpus, child._slots, child._session = self._gpus, self._slots, self._session
+            child = self._child(self.name or fn.__qualname__, self._kernels_mode)
             with child:
                 out = fn(*args, **kwargs)
             with self._calls_lock:
@@ -184,6 +181,15 @@ class PowerMeter:
             return out
 
         return wrapper  # type: ignore[return-value]
+
+    def _child(self, name: str | None, kernels: bool | str = False) -> PowerMeter:
+        """A window over this meter's GPUs with its settings, resolved once here rather than in every child (a
+        resolve enumerates the GPUs through NVML)."""
+        self._bind()
+        child = PowerMeter(self.devices, name=name, sync_cuda=self.sync_cuda, wait_timeout_s=self.wait_timeout_s,
+                           strict=self.strict, kernels=kernels)
+        child._gpus, child._slots, child._session = self._gpus, self._slots, self._session
+        return child
 
     @property
     def running(self) -> bool:
@@ -226,13 +232,13 @@ class PowerMeter:
         if not self.running:
             raise MeasurementError("phase() needs a running meter: use it inside `with PowerMeter() as m:` or between "
                                    "start() and stop()")
-        assert self._gpus is not None
-        window = PowerMeter([g.uuid for g in self._gpus], name=name, sync_cuda=self.sync_cuda,
-                            wait_timeout_s=self.wait_timeout_s, strict=self.strict)
+        window = self._child(name).start()
         with self._calls_lock:
             self._phases.append(window)
-        with window:
+        try:
             yield window
+        finally:
+            window.stop()
 
     @property
     def phases(self) -> Any:

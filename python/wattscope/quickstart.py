@@ -49,8 +49,9 @@ def why_not_measure() -> str | None:
         return "NVML sees no GPU"
     import torch
 
-    if not torch.cuda.is_available():
-        return "torch cannot use CUDA here (a CPU build of torch, or no driver)"
+    # Not torch.cuda.is_available(): that initialises CUDA in this process, which the sweep's workers must own.
+    if not torch.backends.cuda.is_built():
+        return "this torch is a CPU build (install a CUDA build of torch)"
     try:
         import timm  # noqa: F401  (timm imports torchvision, which fails where it has no build for this torch)
     except Exception as e:  # any import failure of a third-party stack means the same: cannot sweep here
@@ -70,6 +71,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"wattscope quickstart: sweeping into {args.db} (Ctrl-C stops cleanly; run again to resume)",
           file=sys.stderr, flush=True)
     status = main(["sweep", *_SWEEP_ARGS, "--db", args.db])
-    if status not in (0, 130) or args.no_serve:
+    if status != 0 or args.no_serve:  # 130: Ctrl-C, which means stop here (the rows so far are kept)
         return status
     return main([*serve_args, args.db])
