@@ -112,8 +112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--retry-failures", action="store_true", help="measure again what failed in earlier runs")
     run.add_argument("--per-board", action="store_true",
-                     help="measure on this GPU even what another GPU of the same model already measured in the file "
-                          "(default: resume by GPU model, so a job on another node of the same kind continues)")
+                     help="skip only what the sweep's own GPUs measured before, not what other boards of the same "
+                          "model did (default: resume by GPU model, so a job on another node of the same kind "
+                          "continues; with --gpus 0,1 a unit done on either is done)")
     run.add_argument(
         "--device",
         choices=("cuda", "cpu"),

@@ -5,8 +5,9 @@
 1. ``validate`` checks every option before any GPU time is spent (models against the catalog and the provider,
    batch sizes, precisions, the shard, the database path, the GPUs) and returns the plan: the work list, every
    (unit, configuration) in a fixed order (sorted by unit key, then configuration key), cut to this shard.
-2. The store is opened; what it already holds for the sweep's GPUs (results, and failures unless
-   ``retry_failures``) is skipped, so a sweep killed at any moment and run again loses and duplicates nothing.
+2. The store is opened; what it already holds for GPUs of the same model as the sweep's (results, and failures
+   unless ``retry_failures``) is skipped, so a sweep killed at any moment and run again, on this node or on
+   another of the same kind, loses and duplicates nothing (``per_board``: skip only what these very boards did).
 3. With nothing running, each GPU's idle power is measured (three windows, so it has a confidence interval); its
    readings also give the driver version and the sensor's sample period, which with the sensor's response (from a
    calibration profile, else a default) give the measurement protocol's window length and phase offsets.

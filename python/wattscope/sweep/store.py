@@ -475,9 +475,13 @@ class SweepStore:
             return {(u, c) for u, c in self._conn.execute(sql, args)}
 
     def gpus_of_model(self, gpu_name: str) -> set[str]:
-        """UUIDs of the GPUs with results here whose model (NVML name) is ``gpu_name``."""
+        """UUIDs of the GPUs of model (NVML name) ``gpu_name`` that ran a sweep into this file (from ``runs``, so a
+        board whose every unit failed counts too) or have results in it (a merged file's)."""
         with self._lock:
-            rows = self._conn.execute("SELECT DISTINCT gpu_uuid FROM results WHERE gpu_name = ?", (gpu_name,))
+            rows = self._conn.execute(
+                "SELECT gpu_uuid FROM runs WHERE gpu_name = ? UNION SELECT gpu_uuid FROM results WHERE gpu_name = ?",
+                (gpu_name, gpu_name),
+            )
             return {r[0] for r in rows}
 
     def _select(self, table: str, cls: type) -> list[Any]:
