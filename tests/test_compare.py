@@ -11,6 +11,7 @@ import pytest
 from wattscope import cli
 from wattscope.compare import (
     compare_files,
+    compare_regions,
     regularized_incomplete_beta,
     student_t_two_sided_p,
     welch_t_test,
@@ -142,7 +143,59 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     for bad in ("missing.json", "bad.json", "wrong.json", "shape.json", "nan.json"):
         assert cli.main(["compare", str(good), str(tmp_path / bad)]) == 2, bad
     err = capsys.readouterr().err
-    assert "is not JSON" in err and "unknown results format" in err and "not a finite number" in err
+    assert "is not JSON" in err and "unknown results format" in err and "no trial in the new file has a finite" in err
     assert cli.main(["compare", str(good), str(good), "--alpha", "1.5"]) == 2
     assert cli.main(["compare", str(good), str(other)]) == 2
     assert "no region in common" in capsys.readouterr().err
+
+
+def test_non_finite_trials_are_skipped_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # RAPL unreadable in one trial (cpu.energy_j written as null), and a region on one side only with no CPU value.
+    def trial(gpu_j: float, cpu_j: float | None) -> dict:
+        return {"energy_j": gpu_j, "uncertainty_j": 0.1, "cpu.energy_j": cpu_j}
+
+    old = _write(tmp_path, "old.json", {"step": [trial(10, 5.0), trial(10.1, 5.1), trial(9.9, None)],
+                                        "gone": [trial(1, None)]})
+    new = _write(tmp_path, "new.json", {"step": [trial(10, 5.0), trial(10.1, 5.05), trial(10.0, 4.95)]})
+    changes = {c.region: c for c in compare_files(old, new, metric="cpu.energy_j")}
+    assert changes["step"].old_n == 2 and changes["step"].method == "welch"
+    assert changes["step"].notes == ("old: trial 2 skipped: 'cpu.energy_j' is None, not a finite number",)
+    assert changes["gone"].old_n == 0 and changes["gone"].verdict == "only in old"
+    assert cli.main(["compare", str(old), str(new), "--metric", "cpu.energy_j"]) == 0
+    assert "note: step: old: trial 2 skipped" in capsys.readouterr().out
+    # A compared region with no finite value left on a side is an error.
+    none_left = _write(tmp_path, "none.json", {"step": [trial(10, None), trial(10, None)]})
+    with pytest.raises(ValueError, match="region 'step': no trial in the new file has a finite 'cpu.energy_j'"):
+        compare_files(old, none_left, metric="cpu.energy_j")
+
+
+def test_misspelt_metric_lists_the_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = _write(tmp_path, "a.json", {"a": _trials([1.0, 2.0])})
+    assert cli.main(["compare", str(f), str(f), "--metric", "energy"]) == 2
+    err = capsys.readouterr().err
+    assert "no trial has the key 'energy'" in err and "duration_s, energy_j, uncertainty_j" in err
+
+
+def test_one_trial_a_side_without_uncertainty_is_untested(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = _write(tmp_path, "old.json", {"a": [{"energy_j": 1.0, "duration_s": 1.0}]})
+    new = _write(tmp_path, "new.json", {"a": [{"energy_j": 1.0, "duration_s": 1.5}]})  # +50 %, nothing to test it by
+    (c,) = compare_files(old, new, metric="duration_s")
+    assert c.method == "none" and c.p_value is None and c.verdict == "untested" and not c.regression
+    assert cli.main(["compare", str(old), str(new), "--metric", "duration_s"]) == 2
+    captured = capsys.readouterr()
+    assert "no region could be tested" in captured.err and "untested" in captured.out
+
+
+def test_the_gate_is_one_sided() -> None:
+    # t = 2.2 with df = 4: two-sided p = 0.093, not significant at 5 %, but the rise has one-sided p = 0.046.
+    old = {"r": [{"energy_j": v} for v in (10.0, 10.0, 10.0, 10.0, 10.0)]}
+    t_target = 2.2
+    # new = 10 + d + e_i with sample sd s: t = d / (s / sqrt(5)); e = (-2,-1,0,1,2) * k has sd k * sqrt(2.5).
+    k = 0.1
+    d = t_target * k * math.sqrt(2.5) / math.sqrt(5)
+    new = {"r": [{"energy_j": 10.0 + d + e * k} for e in (-2, -1, 0, 1, 2)]}
+    (c,) = compare_regions(old, new, threshold=0.0, alpha=0.05)
+    assert c.p_value == pytest.approx(student_t_two_sided_p(2.2, 4))
+    assert c.p_value > 0.05 and c.p_increase == pytest.approx(c.p_value / 2) and c.regression
+    (back,) = compare_regions(new, old, threshold=0.0, alpha=0.05)
+    assert back.p_increase == pytest.approx(1 - c.p_value / 2) and back.improvement and not back.regression

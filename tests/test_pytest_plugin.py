@@ -215,3 +215,54 @@ def test_compare_gates_two_plugin_runs(fake, pytester: pytest.Pytester, capsys: 
     assert cli.main(["compare", str(paths[0]), str(paths[1])]) == 1
     assert "REGRESSION" in capsys.readouterr().out
     assert cli.main(["compare", str(paths[1]), str(paths[0])]) == 0
+
+
+def test_a_json_path_in_a_missing_directory_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_x="def test_a():\n    pass\n")
+    missing = pytester.path / "no-such-dir" / "out.json"
+    result = pytester.runpytest(*_plugin_args(), f"--wattscope-json={missing}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*--wattscope-json {missing}: the directory {missing.parent} does not exist*"])
+
+
+def test_a_failing_measurement_does_not_fail_the_test(fake, pytester: pytest.Pytester) -> None:
+    fake.set_trace(0, [0.0], [150.0])
+    pytester.makeconftest("""
+        import pytest
+        import wattscope
+
+        @pytest.fixture(autouse=True)
+        def broken_stop(monkeypatch):
+            def stop(self):
+                raise RuntimeError("boom")
+            monkeypatch.setattr(wattscope.PowerMeter, "stop", stop)
+    """)
+    pytester.makepyfile(test_x="""
+        import pytest
+        @pytest.mark.energy
+        def test_a():
+            pass
+    """)
+    result = pytester.runpytest(*_plugin_args(), "--wattscope")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["not measured: test_x.py::test_a: RuntimeError: boom"])
+
+
+def test_the_xdist_controller_writes_no_results_file(fake, pytester: pytest.Pytester) -> None:
+    fake.set_trace(0, [0.0], [150.0])
+    # pytest-xdist's controller is the session that has the "dsession" plugin: stand one in.
+    pytester.makeconftest("""
+        def pytest_configure(config):
+            config.pluginmanager.register(object(), "dsession")
+    """)
+    pytester.makepyfile(test_x="""
+        import pytest
+        @pytest.mark.energy
+        def test_a():
+            pass
+    """)
+    out = pytester.path / "energy.json"
+    result = pytester.runpytest(*_plugin_args(), f"--wattscope-json={out}")
+    result.assert_outcomes(passed=1)
+    assert not out.exists()
+    result.stdout.fnmatch_lines([f"wattscope results: one file per xdist worker, {pytester.path / 'energy-gw*.json'}*"])

@@ -146,6 +146,7 @@ def test_unreadable_counter_says_why(tmp_path: Path, two_sockets: dict[str, Path
                         if path.name == "energy_uj" else real_read(path))
     r = RaplMeter(tmp_path, poll_period_s=None).start().stop().result
     assert not r.available and "only root" in r.reason
+    assert f"sudo chmod o+r {tmp_path}/intel-rapl:*/energy_uj" in r.reason  # the root actually read
 
 
 def test_bad_arguments() -> None:
@@ -158,3 +159,18 @@ def test_bad_arguments() -> None:
     meter = RaplMeter(poll_period_s=None).start()
     with pytest.raises(MeasurementError, match="called twice"):
         meter.start()
+
+
+def test_an_unlistable_root_is_a_reason_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests may run as root, which chmod cannot lock out: the kernel's answer to other users is raised instead.
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # noqa: ANN202
+        if self == tmp_path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert discover(tmp_path) == ([], f"cannot list {tmp_path}: Permission denied")
+    r = RaplMeter(tmp_path, poll_period_s=None).start().stop().result
+    assert not r.available and r.reason == f"cannot list {tmp_path}: Permission denied"

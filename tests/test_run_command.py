@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +266,94 @@ def test_child_records_are_matched_to_the_parent_gpus_by_uuid(tmp_path: Path) ->
     assert list(t.name) == ["k0", "k2", "k1"]  # merged in time order
     assert list(t.device) == [0, -1, 3]  # child 1 -> gpu-a -> parent 0; child 0 -> gpu-b -> 3; 5 is unknown
     assert t.dropped == 2 and found.processes == 1 and found.notes == ()
+
+
+def test_a_signal_between_trials_keeps_the_finished_trials(fake, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while no command runs (the summary of trial 1): the repeats stop, trial 1 is written, exit 143."""
+    from wattscope.embed import command as command_module
+
+    fake.set_trace(0, [0.0], [50.0])
+    summary = command_module._summary
+
+    def summary_then_sigterm(r, trial):  # noqa: ANN001, ANN202
+        os.kill(os.getpid(), signal.SIGTERM)
+        return summary(r, trial)
+
+    def not_handled(signum, frame):  # noqa: ANN001, ANN202
+        raise AssertionError("SIGTERM reached the previous handler: wattscope did not hold it")
+
+    monkeypatch.setattr(command_module, "_summary", summary_then_sigterm)
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        out = tmp_path / "run.json"
+        code = cli.main(["run", "--no-cpu", "--repeat", "3", "-o", str(out), "--", *_py("pass")])
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # restored afterwards
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    (trials,) = json.loads(out.read_text())["regions"].values()
+    assert len(trials) == 1 and trials[0]["exit_code"] == 0 and trials[0]["energy_j"] > 0
+
+
+def test_a_terminal_signal_not_sent_is_not_logged(fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the terminal's foreground, SIGINT is left to the terminal: the child is not sent it, and the log says so."""
+    from wattscope.embed import runner
+
+    fake.set_trace(0, [0.0], [50.0])
+    monkeypatch.setattr(runner, "_terminal_delivers_to_child", lambda: True)
+    ready = tmp_path / "ready"
+    child = f"""
+        import pathlib, signal, sys, time
+        signal.signal(signal.SIGINT, lambda *a: sys.exit(9))
+        pathlib.Path({str(ready)!r}).touch()
+        time.sleep(0.5)
+    """
+
+    def interrupt_when_ready() -> None:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # interrupts the wait, as a kill would
+
+    sender = threading.Thread(target=interrupt_when_ready)
+    sender.start()
+    r = run_command(_py(child), cpu=False)
+    sender.join()
+    assert r.exit_code == 0 and r.signals_forwarded == ()
+
+
+def test_a_failing_kernel_report_keeps_the_energy_and_exit_status(fake, cupti, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.set_trace(0, [0.0], [90.0])
+
+    def broken(self, by_uuid):  # noqa: ANN001, ANN202
+        raise json.JSONDecodeError("Expecting value", "", 0)
+
+    monkeypatch.setattr(child_tracing.ChildTracing, "collect", broken)
+    r = run_command(_py("raise SystemExit(3)"), kernels=True, cpu=False)
+    assert r.exit_code == 3 and r.measurement.energy_j > 0
+    assert r.kernels is not None and r.kernels.rows == {}
+    assert r.kernels.notes == ("the kernel report failed (JSONDecodeError: Expecting value: line 1 column 1 (char 0)); "
+                               "energy only",)
+
+
+def test_at_exit_only_devices_with_a_context_are_synchronised() -> None:
+    """Under torchrun each process uses one GPU: synchronising the others would create contexts on them (and
+    raise on an EXCLUSIVE_PROCESS GPU held by another rank, losing the records)."""
+    synced: list[int] = []
+
+    def synchronize(i: int) -> None:
+        if i == 3:
+            raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+        synced.append(i)
+
+    cuda = types.SimpleNamespace(is_initialized=lambda: True, synchronize=synchronize, current_device=lambda: 2)
+    torch = types.SimpleNamespace(cuda=cuda, _C=types.SimpleNamespace(_cuda_hasPrimaryContext=lambda i: i in (1, 3)))
+    child_tracing._synchronize_used_devices(torch, 8)
+    assert synced == [1]  # 3 has a context too but raised: skipped, no exception
+    del torch._C._cuda_hasPrimaryContext  # an older torch: the current device only
+    child_tracing._synchronize_used_devices(torch, 8)
+    assert synced == [1, 2]
+    cuda.is_initialized = lambda: False
+    child_tracing._synchronize_used_devices(torch, 8)
+    assert synced == [1, 2]

@@ -8,9 +8,15 @@ For each region in both files the trials' values of ``--metric`` (default ``ener
   quadrature). This ignores run-to-run variation, so it finds more changes significant than a test on trials would:
   record several trials (`wattscope run --repeat N`, a benchmark's rounds) for a real test.
 
-A region *regresses* when the relative change of the mean exceeds ``--threshold`` and ``p < --alpha``. Exit 1 if
-any region regresses, 0 otherwise, 2 on bad input. Improvements and regions present on one side only are reported,
-never gating.
+A region *regresses* when the observed relative change of the mean exceeds ``--threshold`` and the one-sided
+p-value for an increase (``p_increase``: half the two-sided p when the mean rose, one minus that half otherwise) is
+below ``--alpha``. The threshold applies to the observed change, not to a tested bound. Trials whose value is not a
+finite number (NaN is written as null: RAPL unreadable, no readings) are skipped, with a note per region; a region
+in both files with no finite value left on a side is an error. A region in both files that could not be tested (one
+trial per side and no stated uncertainty for the metric) is shown as *untested* and never gates.
+
+Exit 1 if any region regresses; 2 on bad input, or when no region in both files could be tested; 0 otherwise.
+Improvements, untested regions and regions present on one side only are reported, never gating.
 """
 
 from __future__ import annotations
@@ -119,7 +125,8 @@ def _mean_var(x: Sequence[float]) -> tuple[float, float]:
 class RegionChange:
     """One region of a comparison. ``change`` is (new - old) / old of the trial means; ``method`` is ``"welch"``,
     ``"uncertainty"`` (too few trials: z-test on the stated uncertainties), or ``"none"`` (one side only, or no
-    uncertainty to test against); ``p_value`` is None when nothing was tested."""
+    uncertainty to test against); ``p_value`` (two-sided) and ``p_increase`` (one-sided, for a rise) are None when
+    nothing was tested."""
 
     region: str
     metric: str
@@ -134,6 +141,18 @@ class RegionChange:
     method: str
     regression: bool
     improvement: bool
+    p_increase: float | None = None  # one-sided: the evidence that the mean rose, which the gate uses
+    notes: tuple[str, ...] = ()  # trials skipped (no finite value)
+
+    @property
+    def verdict(self) -> str:
+        if not self.new_n:
+            return "only in old"
+        if not self.old_n:
+            return "only in new"
+        if self.p_value is None:
+            return "untested"
+        return "REGRESSION" if self.regression else "improved" if self.improvement else "ok"
 
 
 def compare_regions(old: dict[str, list[dict]], new: dict[str, list[dict]], *, metric: str = "energy_j",
@@ -143,15 +162,22 @@ def compare_regions(old: dict[str, list[dict]], new: dict[str, list[dict]], *, m
         raise ValueError(f"threshold must be a non-negative fraction, got {threshold!r}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    _check_metric_exists(old, new, metric)
     out = []
     for region in list(old) + [r for r in new if r not in old]:
-        a = _values(old.get(region, []), metric, region)
-        b = _values(new.get(region, []), metric, region)
+        a, notes_a = _values(old.get(region, []), metric)
+        b, notes_b = _values(new.get(region, []), metric)
+        notes = tuple([f"old: {n}" for n in notes_a] + [f"new: {n}" for n in notes_b])
+        if region in old and region in new:
+            for side, values in (("old", a), ("new", b)):
+                if not values:
+                    raise ValueError(f"region {region!r}: no trial in the {side} file has a finite {metric!r} "
+                                     f"({'; '.join(notes)})")
         mean_a, sd_a = _summary(a)
         mean_b, sd_b = _summary(b)
         if not a or not b:
             out.append(RegionChange(region, metric, mean_a, sd_a, len(a), mean_b, sd_b, len(b), None, None, "none",
-                                    False, False))
+                                    False, False, None, notes))
             continue
         assert mean_a is not None and mean_b is not None
         change = (mean_b - mean_a) / abs(mean_a) if mean_a else (0.0 if mean_b == mean_a else math.inf)
@@ -159,22 +185,44 @@ def compare_regions(old: dict[str, list[dict]], new: dict[str, list[dict]], *, m
             p: float | None = welch_t_test(a, b).p_value
             method = "welch"
         else:
-            p = _uncertainty_p(old[region], new[region], metric, mean_b - mean_a)
+            p = _uncertainty_p([t for t in old[region] if _finite(t.get(metric))],
+                               [t for t in new[region] if _finite(t.get(metric))], metric, mean_b - mean_a)
             method = "uncertainty" if p is not None else "none"
-        significant = p is not None and p < alpha
+        if p is None:
+            out.append(RegionChange(region, metric, mean_a, sd_a, len(a), mean_b, sd_b, len(b), change, None, method,
+                                    False, False, None, notes))
+            continue
+        # The question is one-sided ("did it rise?"): the two-sided p halves on the side the mean moved to.
+        p_up = p / 2 if mean_b > mean_a else 1.0 - p / 2
         out.append(RegionChange(region, metric, mean_a, sd_a, len(a), mean_b, sd_b, len(b), change, p, method,
-                                significant and change > threshold, significant and change < -threshold))
+                                change > threshold and p_up < alpha, change < -threshold and 1.0 - p_up < alpha,
+                                p_up, notes))
     return out
 
 
-def _values(trials: list[dict], metric: str, region: str) -> list[float]:
-    values = []
+def _check_metric_exists(old: dict[str, list[dict]], new: dict[str, list[dict]], metric: str) -> None:
+    keys = {k for side in (old, new) for trials in side.values() for t in trials for k in t}
+    if metric not in keys:
+        numeric = sorted(k for side in (old, new) for trials in side.values() for t in trials for k, v in t.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ValueError(f"no trial has the key {metric!r}; the keys that exist: {', '.join(dict.fromkeys(numeric))}")
+
+
+def _values(trials: list[dict], metric: str) -> tuple[list[float], list[str]]:
+    """The finite values of ``metric``, and a note for each trial skipped."""
+    values, notes = [], []
     for i, trial in enumerate(trials):
         v = trial.get(metric)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"region {region!r}, trial {i}: {metric!r} is {v!r}, not a finite number")
+        if not _finite(v):
+            notes.append(f"trial {i} skipped: {metric!r} is {'missing' if metric not in trial else repr(v)}, "
+                         "not a finite number")
+            continue
         values.append(float(v))
-    return values
+    return values, notes
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _summary(x: list[float]) -> tuple[float | None, float | None]:
@@ -211,19 +259,19 @@ def compare_files(old_path: str | Path, new_path: str | Path, **options: float |
 
 def render(changes: list[RegionChange], *, threshold: float, alpha: float) -> str:
     metric = changes[0].metric if changes else "energy_j"
-    rows = [("region", f"old {metric}", f"new {metric}", "change", "p", "test", "verdict")]
+    rows = [("region", f"old {metric}", f"new {metric}", "change", "p(increase)", "test", "verdict")]
     for c in changes:
-        verdict = ("REGRESSION" if c.regression else "improved" if c.improvement
-                   else "only in old" if not c.new_n else "only in new" if not c.old_n else "ok")
         rows.append((c.region, _fmt(c.old_mean, c.old_sd, c.old_n), _fmt(c.new_mean, c.new_sd, c.new_n),
                      "" if c.change is None else f"{c.change:+.2%}",
-                     "" if c.p_value is None else f"{c.p_value:.3g}", c.method, verdict))
+                     "" if c.p_increase is None else f"{c.p_increase:.3g}", c.method, c.verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     n_bad = sum(c.regression for c in changes)
-    lines.append(f"{n_bad} regression(s): change > {threshold:.1%} with p < {alpha:g}"
+    lines.append(f"{n_bad} regression(s): observed change > {threshold:.1%} with one-sided p(increase) < {alpha:g}"
                  + ("" if all(c.method == "welch" for c in changes if c.old_n and c.new_n) else
-                    "; 'uncertainty' = too few trials, tested against the stated uncertainties only"))
+                    "; 'uncertainty' = too few trials, tested against the stated uncertainties only; 'untested' = "
+                    "one trial a side and no uncertainty for this metric: record more trials"))
+    lines += [f"note: {c.region}: {n}" for c in changes for n in c.notes]
     return "\n".join(lines)
 
 
@@ -238,14 +286,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="per-region energy change between two results files, with a significance test (a CI gate)",
         description="Compare the regions of two results files (wattscope run -o, pytest --wattscope-json, or "
-        "Measurement.to_json()). Exit 1 if a region's mean rose by more than --threshold with p < --alpha (Welch "
-        "t-test on the trials), 0 otherwise, 2 on bad input.",
+        "Measurement.to_json()). Exit 1 if a region's mean rose by more than --threshold (the observed change) with "
+        "a one-sided p < --alpha for an increase (Welch t-test on the trials; with one trial a side, a z-test on the "
+        "stated uncertainties); 2 on bad input or when no region in both files could be tested (shown as "
+        "'untested'); 0 otherwise. Trials with a non-finite value (null) are skipped, with a note.",
     )
     p.add_argument("old", help="the baseline results file")
     p.add_argument("new", help="the results file to check")
     p.add_argument("--threshold", type=float, default=0.05,
-                   help="relative increase that fails the gate when significant (default 0.05 = 5%%)")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+                   help="observed relative increase of the mean that fails the gate when the increase is significant "
+                   "(default 0.05 = 5%%)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="significance level of the one-sided test for an increase (default 0.05)")
     p.add_argument("--metric", default="energy_j", help="the trial key to compare (default energy_j)")
     p.set_defaults(run=_run)
 
@@ -258,6 +310,11 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if not any(c.old_n and c.new_n for c in changes):
         print("wattscope compare: the files have no region in common", file=sys.stderr)
+        print(render(changes, threshold=args.threshold, alpha=args.alpha))
+        return 2
+    if not any(c.p_value is not None for c in changes):
+        print("wattscope compare: no region could be tested (one trial a side and no stated uncertainty for "
+              f"{args.metric!r}): record several trials, e.g. wattscope run --repeat 5", file=sys.stderr)
         print(render(changes, threshold=args.threshold, alpha=args.alpha))
         return 2
     print(render(changes, threshold=args.threshold, alpha=args.alpha))

@@ -19,7 +19,8 @@ When enabled:
 
 Results are computed at the end of the session, so each measured test costs only a window's start and stop (about
 15 us) plus its share of the final integration. The energy is whole-device: tests running at the same time on the
-same GPU (pytest-xdist) share it; under xdist each worker writes ``PATH`` with its id appended and no table is shown.
+same GPU (pytest-xdist) share it; under xdist each worker writes ``PATH`` with its id appended (``energy-gw0.json``),
+the controller writes nothing there, and no table is shown.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from typing import Any
 import pytest
 
 _RECORDER = "wattscope-recorder"
-# A benchmark round shorter than two sensor periods (~20 ms on H100) cannot be measured alone: only the mean over
-# all rounds is reported then.
+# A benchmark round shorter than two sensor periods (one period is ~20 ms on H100, so ~40 ms) cannot be measured
+# alone: only the mean over all rounds is reported then.
 _MIN_ROUND_S = 0.04
 
 
@@ -52,7 +53,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "energy: measure this test's GPU energy (with --wattscope)")
-    if config.getoption("wattscope") or config.getoption("wattscope_json"):
+    json_path = config.getoption("wattscope_json")
+    if json_path:
+        # Checked now: a session's measurements cannot be written at its end into a directory that is not there.
+        parent = Path(json_path).absolute().parent
+        if not parent.is_dir():
+            raise pytest.UsageError(f"--wattscope-json {json_path}: the directory {parent} does not exist")
+    if config.getoption("wattscope") or json_path:
         config.pluginmanager.register(_Recorder(config), _RECORDER)
 
 
@@ -127,12 +134,16 @@ class _Recorder:
         try:
             yield
         finally:
-            entry.meter.stop()
             self.pending.append(entry)
-            if bench is not None:
-                # pytest-benchmark writes extra_info into its JSON at the session's end, and shows it: fill it now.
-                self._resolve(entry)
-                _fill_extra_info(entry, self.sub_regions)
+            # A failure of the measurement is recorded, never turned into a failure of the user's test.
+            try:
+                entry.meter.stop()
+                if bench is not None:
+                    # pytest-benchmark writes extra_info into its JSON at the session's end, and shows it: fill it now.
+                    self._resolve(entry)
+                    _fill_extra_info(entry, self.sub_regions)
+            except Exception as e:
+                entry.error = entry.error or f"{type(e).__name__}: {e}"
 
     def add_meter(self, nodeid: str, meter: Any) -> None:
         if meter.running:
@@ -163,7 +174,7 @@ class _Recorder:
         self.finalized = True
         for entry in self.pending:
             self._resolve(entry)
-        if self.json_path:
+        if self.json_path and not self._xdist_controller():
             from wattscope.embed.results_file import write_results
 
             regions: dict[str, list[dict[str, object]]] = {}
@@ -177,6 +188,10 @@ class _Recorder:
                 path = path.with_name(f"{path.stem}-{worker}{path.suffix}")
             write_results(path, {k: v for k, v in regions.items() if v}, tool="pytest")
 
+    def _xdist_controller(self) -> bool:
+        """pytest-xdist's controller: it runs no test, its workers write the results files."""
+        return self.config.pluginmanager.hasplugin("dsession")
+
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self._finalize()
 
@@ -185,6 +200,16 @@ class _Recorder:
         if hasattr(self.config, "workerinput"):
             return
         tr = terminalreporter
+        if self._xdist_controller():
+            tr.write_sep("=", "wattscope energy")
+            if self.json_path:
+                path = Path(self.json_path)
+                tr.write_line(f"wattscope results: one file per xdist worker, {path.with_name(f'{path.stem}-gw*')}"
+                              f"{path.suffix} (no table under xdist)")
+            else:
+                tr.write_line("the xdist workers measure, and show no table: add --wattscope-json PATH for their "
+                              "results")
+            return
         tr.write_sep("=", "wattscope energy")
         rows = [("test", "energy_j", "± j", "duration_s", "mean_w", "peak_w", "n")]
         errors: dict[str, list[str]] = {}  # one note per distinct error (no NVML fails every test alike)

@@ -25,10 +25,11 @@ from .errors import MeasurementError
 POWERCAP_ROOT = Path("/sys/class/powercap")
 _ZONE = re.compile(r"^intel-rapl:(\d+)(?::(\d+))?$")
 _KEPT = ("package", "dram")
-_PERMISSION_ADVICE = (
-    "since the fix for CVE-2020-8694 (PLATYPUS) only root may read RAPL energy: run as root, or grant read access "
-    "until the next reboot with `sudo chmod o+r /sys/class/powercap/intel-rapl:*/energy_uj`"
-)
+
+
+def _permission_advice(root: Path) -> str:
+    return ("since the fix for CVE-2020-8694 (PLATYPUS) only root may read RAPL energy: run as root, or grant read "
+            f"access until the next reboot with `sudo chmod o+r {root}/intel-rapl:*/energy_uj`")
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,12 @@ def discover(root: str | Path = POWERCAP_ROOT) -> tuple[list[RaplDomain], str | 
     root = Path(root)
     if not root.is_dir():
         return [], f"{root} does not exist: no powercap interface (not Linux, or sysfs is not mounted)"
+    try:
+        entries = list(root.iterdir())
+    except OSError as e:
+        return [], f"cannot list {root}: {e.strerror or e}"
     zones = {}
-    for path in root.iterdir():
+    for path in entries:
         match = _ZONE.match(path.name)
         if match:
             zones[path.name] = (path, match)
@@ -156,7 +161,7 @@ class RaplMeter:
                 last.append(_read_int(d.zone / "energy_uj"))
                 readable.append(d)
             except PermissionError:
-                problems.append(f"{d.zone}/energy_uj is not readable: {_PERMISSION_ADVICE}")
+                problems.append(f"{d.zone}/energy_uj is not readable: {_permission_advice(self.root)}")
             except (OSError, ValueError) as e:
                 problems.append(f"{d.zone}/energy_uj: {e}")
         with self._lock:
@@ -181,7 +186,8 @@ class RaplMeter:
                     continue  # a transient failure: the next read covers the interval
                 delta = now_uj - self._last_uj[i]
                 if delta < 0:
-                    # The counter runs over 0..max_energy_range_uj inclusive, then starts again at 0.
+                    # The counter wraps at max_energy_range_uj plus one hardware energy unit (tens of uJ); adding
+                    # 1 uJ instead is off by less than one unit per wrap, far below the counter's own resolution.
                     delta += d.max_energy_range_uj + 1
                     self._wraps[i] += 1
                 self._total_uj[i] += delta

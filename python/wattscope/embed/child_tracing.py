@@ -77,8 +77,7 @@ def _finish_in_child(session: Any, tracer: Any, start_ns: int, out_dir: str, pid
         torch = sys.modules.get("torch")
         if uuids is not None and torch is not None:
             # The kernels still queued at exit would otherwise miss the final flush.
-            for i in range(len(uuids)):
-                torch.cuda.synchronize(i)
+            _synchronize_used_devices(torch, len(uuids))
         capture = kernel_session.close_tracer(session, tracer, start_ns, _session.core().mono_ns())
         t = capture.timeline
         assert t is not None
@@ -90,6 +89,24 @@ def _finish_in_child(session: Any, tracer: Any, start_ns: int, out_dir: str, pid
         _atomic_write(Path(out_dir) / f"{pid}.npz", buf.getvalue())
     except Exception as e:
         write_failure(out_dir, f"kernel records could not be saved at exit: {e}")
+
+
+def _synchronize_used_devices(torch: Any, count: int) -> None:
+    """Synchronise the devices this process already has a context on, each on its own. Touching any other would
+    create a context there (on every GPU, in each process under torchrun), and raises where another process holds
+    an EXCLUSIVE_PROCESS GPU."""
+    try:
+        if not torch.cuda.is_initialized():
+            return  # no context anywhere: nothing was queued
+        has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+        indices = [i for i in range(count) if has_context(i)] if has_context else [torch.cuda.current_device()]
+    except Exception:
+        return
+    for i in indices:
+        try:
+            torch.cuda.synchronize(i)
+        except Exception:
+            continue  # that device's last kernels may miss the flush; the others' still make it
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

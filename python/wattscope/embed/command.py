@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import shlex
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..rapl import POWERCAP_ROOT
 from .results_file import WHOLE_DEVICE_NOTE, write_results
 
 if TYPE_CHECKING:  # runner imports the meter and, through it, the native core: only when a command runs
-    from .runner import RunResult
+    from .runner import RunResult, SignalForwarder
 
 EXIT_WATTSCOPE_FAILED = 125
 _TOP_KERNELS = 10
@@ -106,7 +107,7 @@ def _positive(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import CommandStartError, run_command
+    from .runner import SignalForwarder
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -117,11 +118,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         print("wattscope run: --repeat must be at least 1", file=sys.stderr)
         return 2
+    # The handlers stay in place for the whole run, between trials and while the results are written too: a
+    # SIGTERM there stops the repeats and the trials so far are still written.
+    with SignalForwarder() as signals:
+        return _trials(args, command, signals)
+
+
+def _trials(args: argparse.Namespace, command: list[str], signals: SignalForwarder) -> int:
+    from .runner import CommandStartError, run_command
+
     results: list[RunResult] = []
     for trial in range(args.repeat):
+        if signals.pending is not None:
+            break
         try:
             r = run_command(command, devices=args.devices, name=args.name, kernels=args.kernels,
-                            interval_s=args.interval_s, cpu=args.cpu, rapl_root=args.rapl_root)
+                            interval_s=args.interval_s, cpu=args.cpu, rapl_root=args.rapl_root, signals=signals)
         except CommandStartError as e:
             print(f"wattscope run: {e}", file=sys.stderr)
             return e.exit_code
@@ -134,20 +146,30 @@ def _run(args: argparse.Namespace) -> int:
             print(_summary(r, trial if args.repeat > 1 else None), file=sys.stderr)
         if r.exit_code != 0:
             break
+    if not results:  # a signal came before the first command started
+        return _signal_status(signals)
     if args.repeat > 1 and len(results) > 1 and not args.quiet:
         energies = [r.measurement.energy_j for r in results]
         print(f"wattscope run: {len(results)} trials, GPU energy {statistics.mean(energies):.3f} J "
               f"± {statistics.stdev(energies):.3f} J (sd)", file=sys.stderr)
     exit_code = results[-1].exit_code
+    if signals.pending is not None and len(results) < args.repeat and exit_code == 0:
+        print(f"wattscope run: {signal.Signals(signals.pending).name} received between trials: stopped after "
+              f"{len(results)} of {args.repeat}", file=sys.stderr)
     if args.output is not None:
         try:
             _write(args.output, results, command, args.name)
         except OSError as e:
             print(f"wattscope run: could not write {args.output}: {e.strerror or e}", file=sys.stderr)
-            return exit_code or EXIT_WATTSCOPE_FAILED
+            return exit_code or _signal_status(signals) or EXIT_WATTSCOPE_FAILED
         if not args.quiet:
             print(f"wattscope run: wrote {args.output}", file=sys.stderr)
-    return exit_code
+    return exit_code or _signal_status(signals)
+
+
+def _signal_status(signals: SignalForwarder) -> int:
+    """128 + N for a signal N that came while no command ran (what a shell reports for a process it ended), else 0."""
+    return 0 if signals.pending is None else 128 + signals.pending
 
 
 def _summary(r: RunResult, trial: int | None) -> str:
