@@ -44,6 +44,14 @@ def test_analyze_prints_verdict_fit_table_and_scores(db, capsys):
     assert "bf16" in out and "channels_last" in out and "gmacs" in out
 
 
+def test_analyze_states_the_band_edges_the_score_uses(db, capsys, monkeypatch):
+    from wattscope.analysis import score
+
+    monkeypatch.setattr(score, "BAND_EDGES", (1.1, 1.6, 2.0, 2.5, 3.15, 5.0))
+    assert run(["analyze", str(db), "--top", "1"]) == 0
+    assert "(A <= 1.1, B <= 1.6, C <= 2, D <= 2.5, E <= 3.15, F <= 5, G > 5)" in capsys.readouterr().out
+
+
 def test_analyze_json_is_strict_json_with_every_part(db, capsys):
     assert run(["analyze", str(db), "--json", "--precision", "fp32"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -89,6 +89,18 @@ def test_a_group_of_one_keeps_its_own_interval_and_many_use_the_spread():
     assert list(method_savings_by_family(df)["family"])[-1] == "all"
 
 
+def test_gpu_models_are_never_pooled():
+    rows = []
+    for gpu, bf16_j in (("G", 0.5), ("H", 0.8)):
+        for unit in ("a@224", "b@224"):
+            rows += [{**row(unit=unit), "gpu_name": gpu}, {**row(unit=unit, precision="bf16", energy_j=bf16_j),
+                                                           "gpu_name": gpu}]
+    fam = method_savings_by_family(pd.DataFrame(rows)).set_index(["gpu_name", "family"])
+    assert len(fam) == 4  # net and all, per GPU
+    assert fam.loc[("G", "all"), "saving_frac"] == pytest.approx(0.5) and fam.loc[("G", "all"), "n_models"] == 2
+    assert fam.loc[("H", "net"), "saving_frac"] == pytest.approx(0.2) and fam.loc[("H", "net"), "n_models"] == 2
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     return load_results(synthetic_database(tmp_path_factory.mktemp("methods") / "s.sqlite", n_models=40, seed=5))

@@ -10,13 +10,16 @@ pd = pytest.importorskip("pandas")
 pytest.importorskip("scipy")
 
 from wattscope.analysis import (  # noqa: E402
+    BAND_COLOURS,
     BAND_EDGES,
+    BANDS,
     SCORE_VERSION,
     band_of,
     fit_frontier,
     score_formula,
     score_models,
 )
+from wattscope.analysis.score import band_edges_text  # noqa: E402
 
 
 def test_band_edges_are_fixed_log_spaced_and_inclusive():
@@ -25,6 +28,12 @@ def test_band_edges_are_fixed_log_spaced_and_inclusive():
     np.testing.assert_allclose(steps, np.log(10) / 10, rtol=0.08)  # R10 preferred numbers: about 1 dB apart
     ratios = [0.3, 1.0, 1.25, 1.2501, 1.6, 1.61, 2.0, 2.5, 3.15, 3.2, 4.0, 4.01, 100.0, np.nan]
     assert list(band_of(ratios)) == ["A", "A", "A", "B", "B", "C", "C", "D", "E", "F", "F", "G", "G", None]
+
+
+def test_band_edges_text_and_colours_follow_the_bands():
+    assert band_edges_text() == "A <= 1.25, B <= 1.6, C <= 2, D <= 2.5, E <= 3.15, F <= 4, G > 4"
+    assert band_edges_text("≤").startswith("A ≤ 1.25, B ≤ 1.6")
+    assert list(BAND_COLOURS) == list(BANDS) and len(set(BAND_COLOURS.values())) == len(BANDS)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ pytest.importorskip("scipy")
 
 from wattscope import cli  # noqa: E402
 from wattscope.analysis import (  # noqa: E402
+    BAND_COLOURS,
+    BAND_EDGES,
     SCORE_VERSION,
     ResultsError,
     load_results,
@@ -113,9 +115,59 @@ def test_payload_frontier_fit_and_score_per_slice(payload: dict, synthetic_db: P
         "version": SCORE_VERSION,
         "formula": score_formula(),
         "bands": ["A", "B", "C", "D", "E", "F", "G"],
-        "band_edges": payload["score"]["band_edges"],
+        "band_edges": list(BAND_EDGES),
+        "band_colours": BAND_COLOURS,  # the figures' colours: the page has no copy of its own
     }
     assert all(r["score_version"] == SCORE_VERSION for r in payload["rows"])
+
+
+BOARD_2 = "GPU-22222222-0000-0000-0000-000000000000"
+
+
+def copy_rows(db: Path, where: str, factor: float, **set_columns: str) -> None:
+    """Copy the results matching ``where`` with energies times ``factor`` and ``set_columns`` (e.g. another
+    ``gpu_uuid``: a second board) replaced."""
+    conn = sqlite3.connect(db)
+    with conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(results)") if r[1] != "id"]
+        values = ["?" if c in set_columns else f"{c} * {factor}" if c in ("energy_per_image_j",
+                  "energy_per_image_ci95_j") else c for c in columns]
+        params = [set_columns[c] for c in columns if c in set_columns]
+        conn.execute(f"INSERT INTO results ({', '.join(columns)}) SELECT {', '.join(values)} FROM results "
+                     f"WHERE {where}", params)
+    conn.close()
+
+
+def test_payload_counts_a_model_on_two_boards_once_as_analyze_does(synthetic_db: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from wattscope.analysis.command import _report
+
+    # Board 2 repeats the reference slice and reads 20 % less: every copy is cheaper than its board-1 row, so a
+    # frontier of single rows would be board 2's, and a per-row score would differ between the boards.
+    db = copy_db(synthetic_db, tmp_path / "boards.sqlite")
+    copy_rows(db, "precision = 'bf16' AND batch_size = 64 AND channels_last = 0 AND compile = 0 AND cuda_graphs = 0",
+              0.8, gpu_uuid=BOARD_2)
+    data = build_payload(db)
+    reference = data["slices"][0]
+    assert reference["key"] == "Synthetic H100 (planted answers)|bs64|bf16|cl0|comp0|graph0"
+    args = argparse.Namespace(db=str(db), precision=None, batch_size=None, gpu=None, channels_last=None,
+                              compile=None, cuda_graphs=None, top=3)
+    report = _report(args)
+    df = load_results(db)
+    first_rows = df[~df.duplicated(["gpu_name", "unit_key", "config_key"])].index
+    # The page's frontier is the fit's: one point per model, under its first (board-1) row's id.
+    assert len(reference["frontier"]) == len(report["fit"]["frontier"]) == reference["fit"]["forms"][0]["n"]
+    assert set(reference["frontier"]) <= set(first_rows)
+    assert [data["rows"][i]["unit_key"] for i in reference["frontier"]] == [
+        p["unit_key"] for p in report["fit"]["frontier"]]
+    # Both boards' rows of a model carry the command's one score for that model.
+    by_unit = {s["unit_key"]: s for s in report["scores"]}
+    rows = [r for r in data["rows"] if r["slice"] == reference["key"]]
+    assert len(rows) == 2 * len(by_unit) == 2 * N_MODELS
+    for r in rows:
+        assert r["band"] == by_unit[r["unit_key"]]["band"], r["unit_key"]
+        assert r["ratio"] == pytest.approx(by_unit[r["unit_key"]]["ratio"], rel=1e-12), r["unit_key"]
 
 
 def test_payload_savings_carry_the_planted_answers(payload: dict) -> None:
@@ -131,6 +183,22 @@ def test_payload_savings_carry_the_planted_answers(payload: dict) -> None:
     bf16 = next(s for s in savings if s["method"] == "bf16")
     assert bf16["saving_frac"] == pytest.approx(PLANTED.savings["bf16"], abs=0.02)
     assert bf16["ci95_low"] < bf16["saving_frac"] < bf16["ci95_high"]
+
+
+def test_payload_savings_per_gpu_model(synthetic_db: Path, tmp_path: Path) -> None:
+    # A second GPU model on which bf16 saves less: its rows are the first's with bf16 energies 1.5 times higher.
+    db = copy_db(synthetic_db, tmp_path / "two_gpus.sqlite")
+    copy_rows(db, "precision = 'fp32'", 1.0, gpu_name="Other GPU", gpu_uuid=BOARD_2)
+    copy_rows(db, "precision = 'bf16'", 1.5, gpu_name="Other GPU", gpu_uuid=BOARD_2)
+    families = build_payload(db)["savings"]["by_family"]["families"]
+    assert [(f["gpu_name"], f["family"]) for f in families if f["family"] == "all"] == [
+        ("Other GPU", "all"), ("Synthetic H100 (planted answers)", "all")]
+    assert families[0]["family"] == "all"  # each GPU's summary above its families
+    by_gpu = {f["gpu_name"]: f["values"]["bf16"] for f in families if f["family"] == "all"}
+    planted = PLANTED.savings["bf16"]
+    assert by_gpu["Synthetic H100 (planted answers)"]["saving_frac"] == pytest.approx(planted, abs=0.01)
+    assert by_gpu["Other GPU"]["saving_frac"] == pytest.approx(1 - 1.5 * (1 - planted), abs=0.01)
+    assert by_gpu["Other GPU"]["n_models"] == by_gpu["Synthetic H100 (planted answers)"]["n_models"] == N_MODELS
 
 
 def test_payload_kernels_and_power_timeline(payload: dict) -> None:
@@ -223,6 +291,9 @@ def test_report_is_self_contained(synthetic_db: Path, tmp_path: Path, capsys: py
     data = json.loads(html[start:html.index("</script>", start)])
     assert len(data["rows"]) == len(load_results(synthetic_db))
     assert data["score"]["formula"] == score_formula()
+    # The database's name, never where it lives on the author's machine.
+    assert data["source"]["db"] == synthetic_db.name
+    assert str(synthetic_db.parent) not in html and str(synthetic_db.resolve().parent) not in html
 
 
 def test_report_into_a_folder_is_one_clear_line(
@@ -239,6 +310,54 @@ def test_page_escapes_the_data() -> None:
     html = page.render({"rows": [{"architecture": "</script><script>alert(1)</script>"}]})
     assert html.count("</script>") == 2  # the data's and the app's; none from the string
     assert "\\u003c/script\\u003e" in html
+
+
+def test_page_data_holding_a_mark_stays_data() -> None:
+    names = ["/*WATTSCOPE_JS*/ GPU", "/*WATTSCOPE_CSS*/", "<!--WATTSCOPE_DATA-->"]
+    html = page.render({"rows": [{"gpu_name": n} for n in names]})
+    start = html.index('id="wattscope-data">') + len('id="wattscope-data">')
+    data = json.loads(html[start:html.index("</script>", start)])
+    assert [r["gpu_name"] for r in data["rows"]] == names
+    clean = page.render({"rows": []})
+    # The app's script and style appear once each, as in a page without such data.
+    assert html.count("function savingsNode") == clean.count("function savingsNode") == 1
+    assert html.count("</style>") == clean.count("</style>")
+
+
+def _js_function(source: str, name: str) -> str:
+    """The text of ``function name(...) {...}`` in ``source`` (braces counted; app.js has none in its strings)."""
+    start = source.index(f"function {name}(")
+    depth, i = 0, source.index("{", start)
+    while True:
+        depth += {"{": 1, "}": -1}.get(source[i], 0)
+        i += 1
+        if depth == 0:
+            return source[start:i]
+
+
+def test_page_summarises_pairs_of_boards_by_their_geometric_mean(tmp_path: Path) -> None:
+    """The comparison panel's line for one method measured on several pairs of boards, by app.js's own functions
+    (run in node: the browser tests need chromium)."""
+    import shutil
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    app = (Path(page.__file__).parent / "static" / "app.js").read_text(encoding="utf-8")
+    pairs = [{"method": "bf16", "from_config": "a", "to_config": "b", "saving_frac": f, "ci95_low": f - 0.01,
+              "ci95_high": f + 0.01} for f in (0.10, 0.12, 0.50)]
+    script = "\n".join([
+        _js_function(app, "isNum"), _js_function(app, "fmtPct"), _js_function(app, "savingsNode"),
+        "function el(tag, attrs, children) { return { tag: tag, attrs: attrs, children: children }; }",
+        f"var state = {{ data: {{ savings: {{ by_unit: {{ 'G|m@224': {json.dumps(pairs)} }} }} }} }};",
+        "var node = savingsNode({ gpu_name: 'G', unit_key: 'm@224' });",
+        "console.log(JSON.stringify(node.children.map(function (li) { return li.attrs.text; })));",
+    ])
+    (tmp_path / "t.js").write_text(script, encoding="utf-8")
+    out = subprocess.run([node, str(tmp_path / "t.js")], capture_output=True, text=True, timeout=30, check=True)
+    geometric = 1 - (0.90 * 0.88 * 0.50) ** (1 / 3)  # 26.6 %; the median would be 12 %
+    assert json.loads(out.stdout) == [
+        f"bf16: {round(100 * geometric)} % (geometric mean of 3 pairs of boards, 10 % to 50 %)"]
 
 
 # --- the server ---------------------------------------------------------------------------------------------------
@@ -297,6 +416,49 @@ def test_server_csv_is_filtered(running: Running, payload: dict) -> None:
     assert [r["config_key"] for r in table] == [r["config_key"] for r in expected]
     assert all(r["precision"] == "bf16" and r["batch_size"] == "64" and "net" in r["unit_key"] for r in table)
     assert list(table[0]) == list(TABLE_COLUMNS)
+
+
+def test_server_head_is_get_without_the_body(running: Running) -> None:
+    request = urllib.request.Request(running.url + "api/data", method="HEAD")
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+        length = int(r.headers["Content-Length"])
+        assert r.read() == b""
+    assert length == len(running.get("api/data")[2]) > 0
+    # The server still answers on that connection's heels: HEAD sent no stray body.
+    assert running.get("api/status")[0] == 200
+
+
+class _GoneClient(io.RawIOBase):
+    """A response stream whose client has hung up: every write fails as a closed socket does."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.writes += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("path", ["/api/data", "/nope"])
+def test_server_lets_a_client_that_hung_up_go_quietly(
+    running: Running, path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wattscope.webapp.server import _Handler
+
+    handler = _Handler.__new__(_Handler)  # without a socket: the response goes to a client that is gone
+    handler.server = running.server
+    handler.client_address = ("127.0.0.1", 1)
+    handler.command, handler.path, handler.request_version = "GET", path, "HTTP/1.1"
+    handler.requestline = f"GET {path} HTTP/1.1"
+    handler.wfile = _GoneClient()
+    handler.do_GET()  # no exception escapes
+    assert handler.wfile.writes == 1  # no second answer (a 500) written onto the dead socket
+    assert handler.close_connection
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_server_shows_a_database_that_breaks_and_recovers(running: Running) -> None:
@@ -436,5 +598,8 @@ def test_default_database_is_the_shipped_h100_sweep(tmp_path: Path, capsys: pyte
     out = tmp_path / "h100.html"
     assert cli.main(["report", "-o", str(out)]) == 0
     html = out.read_text(encoding="utf-8")
-    assert f'"path":{json.dumps(str(shipped_database().resolve()))}' in html
-    assert '"db":"sweep.sqlite"' in html and "NVIDIA H100 80GB HBM3|bs64|bf16|cl0|comp0|graph0" in html
+    start = html.index('id="wattscope-data">') + len('id="wattscope-data">')
+    data = json.loads(html[start:html.index("</script>", start)])
+    assert data["source"]["db"] == "sweep.sqlite" and len(data["rows"]) == len(load_results(shipped_database()))
+    assert "NVIDIA H100 80GB HBM3|bs64|bf16|cl0|comp0|graph0" in html
+    assert str(shipped_database().resolve().parent) not in html  # the report names the file, not where it lives

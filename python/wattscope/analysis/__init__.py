@@ -36,6 +36,8 @@ _EXPORTS = {
     "FrontierFit": "fit",
     "SCORE_VERSION": "score",
     "BAND_EDGES": "score",
+    "BANDS": "score",
+    "BAND_COLOURS": "score",
     "score_models": "score",
     "score_formula": "score",
     "band_of": "score",

@@ -181,6 +181,8 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _render(r: dict[str, Any]) -> str:
+    from .score import band_edges_text
+
     fit = r["fit"]
     boards = (
         f" ({r['n_results']} results from {r['n_boards']} boards of this GPU, combined per model)"
@@ -211,8 +213,7 @@ def _render(r: dict[str, Any]) -> str:
     scores = r["scores"]
     out += [
         "",
-        f"Score v{r['score_version']}: energy / fitted frontier energy at the same accuracy "
-        "(A <= 1.25, B <= 1.6, C <= 2, D <= 2.5, E <= 3.15, F <= 4, G > 4)",
+        f"Score v{r['score_version']}: energy / fitted frontier energy at the same accuracy ({band_edges_text()})",
     ]
     for title, part in ((f"best {n}", scores[:n]), (f"worst {n}", scores[-n:][::-1] if n else [])):
         out.append(f"  {title}:")
@@ -230,7 +231,7 @@ def _render(r: dict[str, Any]) -> str:
             out.append(
                 f"  {m['method']:<14}{100 * m['saving_frac']:6.1f} %  [{100 * m['ci95_low']:.1f}, "
                 f"{100 * m['ci95_high']:.1f}]  over {m['n_models']} models"
-                + (f" ({cross} of them only from pairs across two boards)" if cross else "")
+                + (f" ({cross} of them only from pairs across boards)" if cross else "")
             )
     fac = r["factors"]
     out += ["", "Factors (ln energy against ln factor, one at a time; slope = elasticity):"]

@@ -21,19 +21,10 @@ import pandas as pd
 from .fit import FORMS, FrontierFit, fit_frontier
 from .methods import method_order, method_savings, method_savings_by_family
 from .results import combine_boards, select_slice, slice_label, usable_energy
-from .score import score_models
+from .score import BAND_COLOURS, BAND_EDGES, BANDS, score_models
 
 FIGURES = ("frontier.png", "energy_vs_gmacs.png", "method_savings.png")
 _FORM_LABEL = {"double_exponential": "double exponential", "exponential": "exponential", "power_law": "power law"}
-_BAND_COLOURS = {
-    "A": "#1a9850",
-    "B": "#91cf60",
-    "C": "#d9ef8b",
-    "D": "#fee08b",
-    "E": "#fdae61",
-    "F": "#f46d43",
-    "G": "#d73027",
-}
 _DPI = 150
 
 
@@ -77,7 +68,7 @@ def _frontier(plt: Any, rows: pd.DataFrame, fit: FrontierFit, label: str, path: 
             rows.loc[sel, "top1"],
             rows.loc[sel, "energy_per_image_j"],
             s=28,
-            color=_BAND_COLOURS[band],
+            color=BAND_COLOURS[band],
             edgecolor="0.3",
             linewidth=0.5,
             zorder=3,
@@ -126,7 +117,8 @@ def _frontier(plt: Any, rows: pd.DataFrame, fit: FrontierFit, label: str, path: 
     fig.text(
         0.01,
         0.01,
-        verdict + "\nScore bands: energy / fitted frontier at equal accuracy, A ≤ 1.25 ... G > 4.",
+        verdict + f"\nScore bands: energy / fitted frontier at equal accuracy, A ≤ {BAND_EDGES[0]:g} ... "
+        f"{BANDS[-1]} > {BAND_EDGES[-1]:g}.",
         fontsize=7.5,
         va="bottom",
         color="0.2",
@@ -283,7 +275,7 @@ def _methods(plt: Any, savings: pd.DataFrame, df: pd.DataFrame, path: Path) -> P
         ax.set_title(
             f"{_method_title(method)}, from {'; '.join(contexts)}\nsaves {100 * agg['saving_frac']:.0f} % "
             f"[95 % CI {100 * agg['ci95_low']:.0f}, {100 * agg['ci95_high']:.0f}] over {int(agg['n_models'])} "
-            "models" + (f", {cross} of them from results on two boards" if cross else ""),
+            "models" + (f", {cross} of them only from pairs across boards" if cross else ""),
             fontsize=9.5,
             loc="left",
         )

@@ -7,9 +7,9 @@ energy is not a positive finite number are left out, with an ``AnalysisWarning``
 "The same GPU" is the GPU model (``gpu_name``), not the board: results from two boards of one GPU model pair with
 each other, so that a model measured with the method on one board and without it on another still counts. Where
 a model has a pair on one board (``same_board``), its pairs across boards for the same two configurations are
-dropped: they would add the difference between boards (up to 10 % on the shipped H100 data, beyond the measurements'
-own intervals) and nothing else. A pair across boards keeps the two measurements' intervals, which do not include
-that difference; across models, the t interval includes it through the spread between models.
+dropped: they would add the difference between boards (up to 21 % for one model on the shipped H100 data, far beyond
+the measurements' own intervals) and nothing else. A pair across boards keeps the two measurements' intervals, which
+do not include that difference; across models, the t interval includes it through the spread between models.
 
 - ``bf16``, ``fp16``, ``tf32``: from fp32 to that precision;
 - ``channels_last``, ``compile``, ``cuda_graphs``: from off to on;
@@ -145,13 +145,14 @@ def _rel(row: dict) -> float:
 
 
 def method_savings_by_family(df: pd.DataFrame) -> pd.DataFrame:
-    """Per family and method, and over all families (``family`` = ``"all"``): ``n_models``, ``saving_frac`` (from
+    """Per GPU model (``gpu_name``), family and method, and over all families (``family`` = ``"all"``): a method
+    saves different fractions on different GPUs, so they are never pooled. ``n_models``, ``saving_frac`` (from
     the geometric mean ratio), ``ci95_low``, ``ci95_high``, ``helps`` (the interval is above 0), ``hurts`` (below
     0), ``n_cross_board`` (models whose saving comes only from pairs across boards). A model with several contexts
     for a method (e.g. channels_last at fp32 and at bf16), or several pairs (boards), counts once, with the
     geometric mean of its ratios."""
     pairs = method_savings(df)
-    columns = ["family", "method", "n_models", "saving_frac", "ci95_low", "ci95_high", "helps", "hurts",
+    columns = ["gpu_name", "family", "method", "n_models", "saving_frac", "ci95_low", "ci95_high", "helps", "hurts",
                "n_cross_board"]
     if pairs.empty:
         return pd.DataFrame(columns=columns)
@@ -159,23 +160,23 @@ def method_savings_by_family(df: pd.DataFrame) -> pd.DataFrame:
         _log_ratio=np.log1p(-pairs["saving_frac"]),
         _log_half=np.log((1.0 - pairs["ci95_low"]) / (1.0 - pairs["saving_frac"])),
     )
-    per_model = pairs.groupby(["method", "unit_key", "family"], as_index=False).agg(
+    per_model = pairs.groupby(["gpu_name", "method", "unit_key", "family"], as_index=False).agg(
         _log_ratio=("_log_ratio", "mean"), _log_half=("_log_half", "max"), _same_board=("same_board", "any")
     )
     rows = []
-    for (method, family), g in per_model.groupby(["method", "family"], sort=True):
-        rows.append(_aggregate(g, family, method))
-    for method, g in per_model.groupby("method", sort=True):
-        rows.append(_aggregate(g, "all", method))
+    for (gpu, method, family), g in per_model.groupby(["gpu_name", "method", "family"], sort=True):
+        rows.append(_aggregate(g, gpu, family, method))
+    for (gpu, method), g in per_model.groupby(["gpu_name", "method"], sort=True):
+        rows.append(_aggregate(g, gpu, "all", method))
     out = pd.DataFrame(rows, columns=columns)
-    # Per method (in method_order): the families by name, then "all".
+    # Per GPU and method (in method_order): the families by name, then "all".
     out["_order"] = out["method"].map(method_order)
     out["_overall"] = out["family"] == "all"
-    out = out.sort_values(["_order", "_overall", "family"], kind="mergesort")
+    out = out.sort_values(["gpu_name", "_order", "_overall", "family"], kind="mergesort")
     return out.drop(columns=["_order", "_overall"]).reset_index(drop=True)
 
 
-def _aggregate(g: pd.DataFrame, family: str, method: str) -> dict:
+def _aggregate(g: pd.DataFrame, gpu_name: str, family: str, method: str) -> dict:
     logs = g["_log_ratio"].to_numpy(float)
     n = len(logs)
     mean = float(logs.mean())
@@ -186,6 +187,7 @@ def _aggregate(g: pd.DataFrame, family: str, method: str) -> dict:
     saving = 1.0 - math.exp(mean)
     low, high = 1.0 - math.exp(mean + half), 1.0 - math.exp(mean - half)
     return {
+        "gpu_name": gpu_name,
         "family": family,
         "method": method,
         "n_models": n,

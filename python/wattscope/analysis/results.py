@@ -12,7 +12,7 @@ Two rules every analysis function follows:
   the fit, the score, the method savings and the factors leave such rows out and say so with an ``AnalysisWarning``
   that names them (``unusable_energy`` lists them, ``describe_unusable`` words them); they never fail on them.
 - **Boards of one GPU model are one GPU.** A GPU is identified by its ``gpu_name`` (e.g. "NVIDIA H100 80GB HBM3"),
-  not by the board (``gpu_uuid``): the shipped sweep was measured on two H100 boards and is one H100 dataset.
+  not by the board (``gpu_uuid``): the shipped sweep was measured on four H100 boards and is one H100 dataset.
   Slices, frontiers, scores, method pairs and factors group by ``gpu_name``. Where one model and configuration was
   measured on several boards, analyses that need one point per model (the frontier fit, the factors, the slice's
   model count) combine those results into one (``combine_boards``); the stored rows stay as they are (``load_results``
@@ -346,9 +346,10 @@ def combine_boards(df: pd.DataFrame) -> pd.DataFrame:
 
     The combined ``energy_per_image_j`` is the geometric mean of the boards' energies (analysis works on ln E). Its
     ``energy_per_image_ci95_j`` is the larger of two relative half-widths, times that mean: the measurement
-    intervals combined (root sum of squares of the relative half-widths, over the number of boards) and half the
-    spread of ln E between the boards, so the interval covers every board's value: boards differ by more than their
-    own intervals (up to 10 % on the shipped H100 data), and two boards are too few to estimate that spread better.
+    intervals combined (root sum of squares of the relative half-widths, over the number of boards) and the distance
+    from the mean to the farthest board's value (``expm1(max ln E - mean)``, or ``-expm1(min ln E - mean)`` below),
+    so the interval covers every board's value: boards differ by more than their own intervals (up to 21 % for one
+    model on the shipped H100 data), and two to four boards are too few to estimate that spread better.
     ``n_boards`` is the number of results combined and ``gpu_uuid`` lists their boards, comma-separated; every other
     column is the first stored row's, whose index the combined row keeps. Rows that are alone keep their values
     (``n_boards`` 1), as do all rows of a frame without the ``BOARD_KEY`` columns (one not from ``load_results``).
@@ -368,9 +369,15 @@ def combine_boards(df: pd.DataFrame) -> pd.DataFrame:
     uuids = df["gpu_uuid"].astype(str).groupby(gid).agg(lambda u: ",".join(sorted(set(u))))
     first = out[firsts].copy()
     g = gid[firsts].to_numpy()
-    mean_j = np.exp(agg["mean"].to_numpy()[g])
+    mean_log = agg["mean"].to_numpy()[g]
+    mean_j = np.exp(mean_log)
     n = agg["n"].to_numpy()[g]
-    half_rel = np.maximum(np.sqrt(agg["rel2"].to_numpy()[g]) / n, (agg["hi"] - agg["lo"]).to_numpy()[g] / 2.0)
+    # The interval is symmetric in E around the geometric mean, so it reaches the farthest board on either side.
+    half_rel = np.maximum.reduce([
+        np.sqrt(agg["rel2"].to_numpy()[g]) / n,
+        np.expm1(agg["hi"].to_numpy()[g] - mean_log),
+        -np.expm1(agg["lo"].to_numpy()[g] - mean_log),
+    ])
     first[ENERGY] = mean_j
     first["energy_per_image_ci95_j"] = mean_j * half_rel
     first["n_boards"] = n

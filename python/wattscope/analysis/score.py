@@ -25,6 +25,16 @@ from .results import has_usable_energy, usable_energy
 SCORE_VERSION = "1"
 BANDS = ("A", "B", "C", "D", "E", "F", "G")
 BAND_EDGES = (1.25, 1.6, 2.0, 2.5, 3.15, 4.0)  # upper ratio of bands A..F; G is above the last
+# The figures' and the web app's colour of each band (the app gets them in its data): ColorBrewer's RdYlGn, with
+# B, C and D darker than its pale middle so that points in those bands stay visible on white.
+BAND_COLOURS = {"A": "#1a9850", "B": "#66bd63", "C": "#a6d96a", "D": "#e9d24b", "E": "#fdae61", "F": "#f46d43",
+                "G": "#d73027"}
+
+
+def band_edges_text(le: str = "<=") -> str:
+    """The bands with their edges on one line, ``le`` the sign for "at most": ``A <= 1.25, B <= 1.6, ..., G > 4``."""
+    return ", ".join([*(f"{b} {le} {e:g}" for b, e in zip(BANDS, BAND_EDGES, strict=False)),
+                      f"{BANDS[-1]} > {BAND_EDGES[-1]:g}"])
 
 
 def band_of(ratio: np.ndarray | float) -> np.ndarray:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from typing import Any
 
@@ -33,8 +34,6 @@ def render(payload: dict[str, Any] | None = None) -> str:
         # "<" escaped so that no string in the data can close the script element; JSON.parse reads it back.
         text = payload_json(payload).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
         data = f'<script type="application/json" id="wattscope-data">{text}</script>'
-    return (
-        html.replace(_CSS_MARK, _static("app.css"))
-        .replace(_DATA_MARK, data)
-        .replace(_JS_MARK, _static("app.js"))
-    )
+    # One pass over the template: what is put in is never searched again, so data holding a mark stays data.
+    parts = {_CSS_MARK: _static("app.css"), _JS_MARK: _static("app.js"), _DATA_MARK: data}
+    return re.sub("|".join(re.escape(mark) for mark in parts), lambda m: parts[m.group(0)], html)

@@ -9,10 +9,13 @@ Every number is a float, int or None (NaN becomes None), so the dict dumps as st
 - ``slices``: one per configuration (GPU, batch size, precision, layout, compile, graphs), the first the reference
   (most models, then lowest median energy): ``key``, ``label``, ``n_models``, ``frontier`` (row ids along the Pareto
   frontier, by energy), ``fit`` (``FrontierFit.to_dict()`` plus ``curve``: ``{top1, energy_per_image_j}``) or None
-  with ``fit_note`` saying why. A row's score compares it with its own slice's fitted frontier.
-- ``score``: ``version``, ``formula`` (text), ``bands``, ``band_edges``.
+  with ``fit_note`` saying why. A row's score compares it with its own slice's fitted frontier. A model measured on
+  several boards is one point, as in the fit and `wattscope analyze`: the frontier holds its first row's id (with
+  the boards' combined energy) and each of its rows carries the combined model's score.
+- ``score``: ``version``, ``formula`` (text), ``bands``, ``band_edges``, ``band_colours`` (band -> CSS colour).
 - ``savings``: ``by_unit`` (``"<gpu_name>|<unit_key>"`` -> the model's method savings), ``by_family`` (``methods``,
-  ``families``: ``{family, values: {method: {saving_frac, ci95_low, ci95_high, n_models, helps, hurts}}}``), ``note``.
+  ``families``: ``{gpu_name, family, values: {method: {saving_frac, ci95_low, ci95_high, n_models, helps, hurts}}}``,
+  per GPU (by name) the family "all" first, then the others by name: GPUs are never pooled), ``note``.
 - ``columns`` (the CSV's), ``source`` (the file and its ``meta``), ``format`` (``PAYLOAD_FORMAT``).
 - ``excluded``: the rows every analysis left out because their energy is not a positive finite number: ``rows``
   (their ids) and ``note`` (a sentence naming them, or None); ``build_payload`` also warns it once
@@ -96,7 +99,9 @@ def build_payload(db_path: str | Path) -> dict[str, Any]:
     """The app's data for a sweep database (see the module docstring). Raises ``wattscope.analysis.ResultsError``
     when the file cannot be read as a sweep database (missing, empty, another schema version, missing columns)."""
     from ..analysis import (
+        BAND_COLOURS,
         BAND_EDGES,
+        BANDS,
         SCORE_VERSION,
         AnalysisWarning,
         ResultsError,
@@ -142,8 +147,8 @@ def build_payload(db_path: str | Path) -> dict[str, Any]:
     return {
         "format": PAYLOAD_FORMAT,
         "source": {
+            # The file's name only: a report is shared, and its reader has no business with the author's folders.
             "db": path.name,
-            "path": str(path.resolve()),
             "gpus": sorted({r["gpu_name"] for r in rows if r["gpu_name"]}),
             "meta": meta,
             "generated_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -151,8 +156,9 @@ def build_payload(db_path: str | Path) -> dict[str, Any]:
         "score": {
             "version": SCORE_VERSION,
             "formula": score_formula(),
-            "bands": ["A", "B", "C", "D", "E", "F", "G"],
+            "bands": list(BANDS),
             "band_edges": list(BAND_EDGES),
+            "band_colours": dict(BAND_COLOURS),
         },
         "columns": list(TABLE_COLUMNS),
         "rows": rows,
@@ -163,9 +169,21 @@ def build_payload(db_path: str | Path) -> dict[str, Any]:
 
 
 def _slices(df: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[int]]:
-    """Per configuration slice: its frontier, fit and the scores of its rows against that fit."""
-    from ..analysis import ResultsError, fit_frontier, pareto_frontier, score_models, slice_label, slices
-    from ..analysis.results import SLICE_COLUMNS
+    """Per configuration slice: its frontier, fit and the scores of its rows against that fit. A model measured on
+    several boards is one point, as in ``fit_frontier`` and `wattscope analyze`: the frontier is the fit's (rows
+    combined across boards, each under its first row's id) and every row of a model carries the combined model's
+    score, so that the page, the fit and the command agree."""
+    from ..analysis import (
+        ResultsError,
+        combine_boards,
+        fit_frontier,
+        pareto_frontier,
+        score_models,
+        slice_label,
+        slices,
+        usable_energy,
+    )
+    from ..analysis.results import BOARD_KEY, SLICE_COLUMNS
 
     scores: list[dict[str, Any]] = [{} for _ in range(len(df))]
     on_frontier: set[int] = set()
@@ -175,21 +193,32 @@ def _slices(df: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[in
         for name in SLICE_COLUMNS:
             mask = mask & (df[name] == spec[name])
         part = df[mask]
-        frontier = [int(i) for i in pareto_frontier(part).index]
-        on_frontier.update(frontier)
+        models = combine_boards(usable_energy(part, "score"))
         fit_dict = None
         note = None
         try:
             fit = fit_frontier(part)
         except ResultsError as e:
             note = f"no fit and no score for this configuration: {e}"
+            frontier = [int(i) for i in pareto_frontier(models).index]
         else:
+            frontier = [int(i) for i in fit.frontier.index]
             fit_dict = _plain(fit.to_dict())
             del fit_dict["frontier"]  # the slice's "frontier" (row ids) says the same
             curve = fit.curve(200)
             fit_dict["curve"] = {c: [_plain(v) for v in curve[c]] for c in ("top1", "energy_per_image_j")}
+            # Rows without a usable energy keep score_models' empty score; the others their model's.
             for i, rec in zip(part.index, score_models(part, fit).to_dict("records"), strict=True):
                 scores[int(i)] = rec
+            by_model = {
+                tuple(key): rec
+                for key, rec in zip(models[list(BOARD_KEY)].itertuples(index=False),
+                                    score_models(models, fit).to_dict("records"), strict=True)
+            }
+            for i, key in zip(part.index, part[list(BOARD_KEY)].itertuples(index=False), strict=True):
+                if tuple(key) in by_model:
+                    scores[int(i)] = by_model[tuple(key)]
+        on_frontier.update(frontier)
         out.append(
             {
                 "key": _slice_key(spec),
@@ -222,14 +251,15 @@ def _savings(pairs: Any, by_family: Any) -> dict[str, Any]:
     for savings in by_unit.values():
         savings.sort(key=lambda x: method_order(x["method"]))
     methods = sorted(set(by_family["method"]), key=method_order) if len(by_family) else []
-    families: dict[str, dict[str, Any]] = {}
+    families: dict[tuple[str, str], dict[str, Any]] = {}
     for rec in by_family.to_dict("records"):
-        values = families.setdefault(rec["family"], {"family": rec["family"], "values": {}})["values"]
+        entry = {"gpu_name": rec["gpu_name"], "family": rec["family"], "values": {}}
+        values = families.setdefault((rec["gpu_name"], rec["family"]), entry)["values"]
         values[rec["method"]] = {
             k: _plain(rec[k]) for k in ("saving_frac", "ci95_low", "ci95_high", "n_models", "helps", "hurts")
         }
-    # "all" first: the summary above the families.
-    ordered = sorted(families.values(), key=lambda f: (f["family"] != "all", f["family"]))
+    # Per GPU, "all" first: the summary above the families.
+    ordered = sorted(families.values(), key=lambda f: (f["gpu_name"], f["family"] != "all", f["family"]))
     return {"by_unit": by_unit, "by_family": {"methods": methods, "families": ordered}, "note": SAVINGS_NOTE}
 
 

@@ -118,15 +118,22 @@ class _Handler(BaseHTTPRequestHandler):
             "/api/status": self._status,
             "/api/table.csv": self._table,
         }
-        route = routes.get(url.path)
-        if route is None:
-            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", f"no such page: {url.path}\n".encode())
-            return
         try:
-            route(url.query)
+            route = routes.get(url.path)
+            if route is None:
+                self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", f"no such page: {url.path}\n".encode())
+            else:
+                route(url.query)
+        except ConnectionError:
+            # The client went away (a reload, a closed tab): nothing is wrong and there is no one to answer.
+            self.close_connection = True
         except Exception as e:  # one bad request must not take the server down; the traceback goes to its log
             traceback.print_exc(file=sys.stderr)
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(e).__name__}: {e}"})
+
+    def do_HEAD(self) -> None:  # noqa: N802 (the http.server API)
+        # GET's status and headers; _send leaves out the body for HEAD.
+        self.do_GET()
 
     def _page(self, query: str) -> None:
         self._send(HTTPStatus.OK, "text/html; charset=utf-8", self.server.page)
@@ -167,7 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the http.server API)
         # Only failures: a line per request would bury the URL the command printed.

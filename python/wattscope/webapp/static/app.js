@@ -6,7 +6,6 @@
   "use strict";
 
   var SVG_NS = "http://www.w3.org/2000/svg";
-  var BAND_COLORS = { A: "#1a9850", B: "#66bd63", C: "#a6d96a", D: "#e9d24b", E: "#fdae61", F: "#f46d43", G: "#d73027" };
   // Tableau's ten hues, then darker and lighter variants: 30 distinguishable family colours before any repeats.
   var BASE_HUES = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
     "#9c755f", "#bab0ac"];
@@ -115,11 +114,23 @@
     return parts.join(", ");
   }
 
+  // Band colours come with the data (wattscope.analysis.score.BAND_COLOURS, as the figures use them).
+  function bandColor(band, missing) {
+    var colours = state.data.score.band_colours || {};
+    return colours[band] || missing;
+  }
+
+  // Dark text on a light background: relative luminance (sRGB weights) of a #rrggbb colour above one half.
+  function isLight(hex) {
+    var m = /^#([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})$/i.exec(hex);
+    if (!m) return false;
+    return (0.2126 * parseInt(m[1], 16) + 0.7152 * parseInt(m[2], 16) + 0.0722 * parseInt(m[3], 16)) / 255 > 0.5;
+  }
+
   function bandBadge(band) {
     if (!band) return el("span", { class: "missing", text: "no score" });
-    var light = band === "C" || band === "D" || band === "E";
-    return el("span", { class: "band" + (light ? " light" : ""), style: "background:" + (BAND_COLORS[band] || "#888"),
-      text: band });
+    var colour = bandColor(band, "#888");
+    return el("span", { class: "band" + (isLight(colour) ? " light" : ""), style: "background:" + colour, text: band });
   }
 
   function scoreNodes(r) {
@@ -262,7 +273,7 @@
   }
 
   function colorOf(r) {
-    if (state.colorBy === "band") return BAND_COLORS[r.band] || "#9aa3ad";
+    if (state.colorBy === "band") return bandColor(r.band, "#9aa3ad");
     return state.familyColor.get(r.family) || "#9aa3ad";
   }
 
@@ -413,7 +424,7 @@
       var edges = state.data.score.band_edges;
       state.data.score.bands.forEach(function (b, i) {
         var range = i < edges.length ? " ≤ " + edges[i] + "×" : " > " + edges[edges.length - 1] + "×";
-        items.push([BAND_COLORS[b], b + range]);
+        items.push([bandColor(b, "#9aa3ad"), b + range]);
       });
     } else {
       var shown = new Set(state.visible.map(function (r) { return r.family; }));
@@ -511,8 +522,10 @@
         var ci = isNum(s.ci95_low) && isNum(s.ci95_high) ? " [" + fmtPct(s.ci95_low) + ", " + fmtPct(s.ci95_high) + "]" : "";
         text = s.method + ": " + fmtPct(s.saving_frac) + ci;
       } else {
+        // The geometric mean of the energy ratios, as the method figure and the per-family savings combine them.
         var v = g.map(function (x) { return x.saving_frac; }).sort(function (a, b) { return a - b; });
-        text = s.method + ": " + fmtPct(v[Math.floor((v.length - 1) / 2)]) + " (median of " + v.length +
+        var meanLog = v.reduce(function (sum, x) { return sum + Math.log(1 - x); }, 0) / v.length;
+        text = s.method + ": " + fmtPct(1 - Math.exp(meanLog)) + " (geometric mean of " + v.length +
           " pairs of boards, " + fmtPct(v[0]) + " to " + fmtPct(v[v.length - 1]) + ")";
       }
       return el("li", { title: s.from_config + " → " + s.to_config, text: text });
@@ -622,12 +635,19 @@
     $("savings-note").textContent = d.savings.note || "";
     $("savings-table").textContent = "";
     if (fam && fam.families.length) {
-      $("savings-table").appendChild(table(["family"].concat(fam.methods), fam.families.map(function (f) {
-        return [f.family === "all" ? { text: "all families", best: true } : f.family].concat(fam.methods.map(function (m) {
-          var s = f.values[m];
-          return s ? { text: fmtPct(s.saving_frac) + " (" + s.n_models + ")", best: s.helps || s.hurts } : "";
-        }));
-      })));
+      // One block of rows per GPU model (a method saves different fractions on different GPUs); the GPU column
+      // only when there are several.
+      var gpus = new Set(fam.families.map(function (f) { return f.gpu_name; }));
+      var gpuCol = gpus.size > 1;
+      $("savings-table").appendChild(table((gpuCol ? ["GPU"] : []).concat(["family"], fam.methods),
+        fam.families.map(function (f) {
+          var head = [f.family === "all" ? { text: "all families", best: true } : f.family];
+          if (gpuCol) head.unshift(f.gpu_name);
+          return head.concat(fam.methods.map(function (m) {
+            var s = f.values[m];
+            return s ? { text: fmtPct(s.saving_frac) + " (" + s.n_models + ")", best: s.helps || s.hurts } : "";
+          }));
+        })));
     } else {
       $("savings-table").appendChild(el("p", { class: "missing", text: "No model has both a baseline and another configuration measured." }));
     }
