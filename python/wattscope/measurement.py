@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .files import write_atomic
+
 
 @dataclass(frozen=True)
 class GpuEnergy:
@@ -124,14 +126,14 @@ class Measurement:
         doc = {**self.to_dict(), "uncertainty_reasons": list(self.uncertainty_reasons), "errors": list(self.errors)}
         text = json.dumps(json_safe(doc), indent=indent)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            write_atomic(path, text + "\n")
         return text
 
     def to_csv(self, path: str | Path | None = None) -> str:
         """``to_dict()`` as a CSV header and one row; also written to ``path`` when given."""
         text = rows_to_csv([self.to_dict()])
         if path is not None:
-            Path(path).write_text(text)
+            write_atomic(path, text)
         return text
 
     def __str__(self) -> str:

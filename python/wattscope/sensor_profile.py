@@ -17,13 +17,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import WattscopeError
+from .files import write_atomic
 from .response import Response
 
 __all__ = [
@@ -278,18 +278,7 @@ def save_profile(profile: SensorProfile, directory: Path | None = None) -> Path:
     """Write the profile atomically (a temporary file in the same folder, then a rename) and return its path."""
     path = profile_path(profile.gpu_name, profile.driver_version, directory)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = profile.to_json()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, profile.to_json())
 
 
 def load_profile(gpu_name: str, driver_version: str, directory: Path | None = None) -> SensorProfile | None:

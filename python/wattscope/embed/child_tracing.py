@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ..files import write_atomic
+
 KERNELS_DIR_ENV = "WATTSCOPE_RUN_KERNELS_DIR"
 INJECT_DIR = Path(__file__).with_name("_inject")
 
@@ -62,7 +64,7 @@ def write_failure(out_dir: str, error: str) -> None:
     """Record why this process traced nothing (plain JSON: the caller may not have numpy or wattscope)."""
     try:
         doc = {"pid": os.getpid(), "executable": sys.executable, "argv": sys.argv, "error": error}
-        _atomic_write(Path(out_dir) / f"{os.getpid()}.json", json.dumps(doc).encode())
+        write_atomic(Path(out_dir) / f"{os.getpid()}.json", json.dumps(doc).encode())
     except OSError:
         pass  # the parent's directory is gone: nobody is left to tell
 
@@ -86,7 +88,7 @@ def _finish_in_child(session: Any, tracer: Any, start_ns: int, out_dir: str, pid
         buf = io.BytesIO()
         np.savez(buf, start_ns=t.start_ns, end_ns=t.end_ns, name=t.name.astype(str), stream=t.stream,
                  device=t.device, kind=t.kind.astype(str), meta=np.array(json.dumps(meta)))
-        _atomic_write(Path(out_dir) / f"{pid}.npz", buf.getvalue())
+        write_atomic(Path(out_dir) / f"{pid}.npz", buf.getvalue())
     except Exception as e:
         write_failure(out_dir, f"kernel records could not be saved at exit: {e}")
 
@@ -107,12 +109,6 @@ def _synchronize_used_devices(torch: Any, count: int) -> None:
             torch.cuda.synchronize(i)
         except Exception:
             continue  # that device's last kernels may miss the flush; the others' still make it
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # -- in the parent ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import DeviceSelector
 from ..errors import WattscopeError
+from ..files import write_atomic
 from ..measurement import rows_to_csv
 from ..rapl import POWERCAP_ROOT
 from .results_file import WHOLE_DEVICE_NOTE, write_results
@@ -212,7 +213,7 @@ def _write(path: Path, results: list[RunResult], command: list[str], name: str |
                 rows += [{"trial": i, "interval": k, **w.to_dict()} for k, w in enumerate(r.intervals)]
             else:
                 rows.append({"trial": i, **r.to_trial()})
-        path.write_text(rows_to_csv(rows))
+        write_atomic(path, rows_to_csv(rows))
         return
     runs = []
     for r in results:

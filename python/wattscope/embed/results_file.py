@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import write_atomic
 from ..measurement import json_safe
 
 FORMAT = "wattscope.results/1"
@@ -33,7 +34,7 @@ def results_document(regions: Mapping[str, Sequence[Mapping[str, object]]], **me
 
 def write_results(path: str | Path, regions: Mapping[str, Sequence[Mapping[str, object]]], **meta: object) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(results_document(regions, **meta), indent=2) + "\n")
+    write_atomic(path, json.dumps(results_document(regions, **meta), indent=2) + "\n")
     return path
 
 

@@ -16,9 +16,11 @@ def _start() -> None:
 
             doc = {"pid": os.getpid(), "executable": sys.executable, "argv": sys.argv,
                    "error": f"wattscope is not importable by {sys.executable}: {e}"}
-            try:
-                with open(os.path.join(out_dir, f"{os.getpid()}.json"), "w") as f:
+            path = os.path.join(out_dir, f"{os.getpid()}.json")
+            try:  # renamed into place: the parent may read the folder while this process still writes
+                with open(path + ".tmp", "w") as f:
                     json.dump(doc, f)
+                os.replace(path + ".tmp", path)
             except OSError:
                 pass
         return
