@@ -102,6 +102,21 @@ def test_live_follows_the_power(fake) -> None:
     assert after.power_w == pytest.approx(300.0)
 
 
+def test_live_inside_a_decorated_call(fake) -> None:
+    fake.set_trace(0, [0.0], [180.0])
+    meter = PowerMeter(0)
+    seen = []
+
+    @meter
+    def step() -> None:
+        time.sleep(0.3)
+        seen.append(meter.live()[0].power_w)
+
+    step()
+    step()
+    assert seen == pytest.approx([180.0, 180.0])
+
+
 def test_live_without_the_instant_field_reads_the_stream(fake) -> None:
     fake.set_supported(0, SOURCE_INSTANT, False)
     _session.reset()

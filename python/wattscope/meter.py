@@ -200,8 +200,10 @@ class PowerMeter:
         buffers per GPU (no NVML call, no waiting). Readings arrive as the thread drains them (the buffered stream
         every ~250 ms, the instant field every ~50 ms): ``age_s`` says how old each one is. Between ``start`` and
         ``stop``, or shortly after (the thread lingers a few seconds)."""
-        if self._session is None or self._start_ns is None:
-            raise MeasurementError("live() needs a started meter: call start() or enter the with-block first")
+        # Bound at the first start, or (a decorator meter, which never starts itself) at its first call.
+        if self._session is None:
+            raise MeasurementError("live() needs a started meter: call start(), enter the with-block, or call the "
+                                   "function it decorates first")
         assert self._gpus is not None
         sampler = self._session.sampler()
         now_ns = _session.core().mono_ns()
