@@ -120,5 +120,11 @@ if has sampler_collect; then
   while pgrep -f sampler_bench.py >/dev/null; do sleep 2; done
   cp /tmp/sampler_long.txt "$OUT/sampler_long.txt" && cat "$OUT/sampler_long.txt"
 fi
+if has multi_gpu; then
+  # Several GPUs (nvidia-h200-x2): isolation, sweep throughput on 1 and 2 GPUs, shards + merge; MULTI_ARGS picks.
+  mark multi_gpu
+  # shellcheck disable=SC2086
+  python3 "$repo/bench/multi_gpu_bench.py" --out-dir "$OUT/multi_gpu" ${MULTI_ARGS:-} 2>&1 | tee "$OUT/multi_gpu.txt"
+fi
 has sampler && python3 "$repo/bench/sampler_bench.py" "${SAMPLER_SECONDS:-120}" 2>&1 | tee "$OUT/sampler.txt"
 exit 0

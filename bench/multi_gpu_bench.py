@@ -1,6 +1,7 @@
 """Several GPUs in one machine: isolation and sweep throughput on real GPUs; the sampler's drain timing on fake ones.
 
-    python bench/multi_gpu_bench.py [--gpus 0,1] [--isolation-s 10] [--skip-isolation] [--skip-sweep] [-- SWEEP ARGS]
+    python bench/multi_gpu_bench.py [--gpus 0,1] [--isolation-s 10] [--skip-isolation] [--skip-sweep] [--shards]
+        [--out-dir DIR] [-- SWEEP ARGS]
     python bench/multi_gpu_bench.py --fake [--counts 1,2,4,8] [--seconds 5]
 
 Real GPUs (torch with CUDA and at least two GPUs):
@@ -13,6 +14,10 @@ Real GPUs (torch with CUDA and at least two GPUs):
    and idle baselines included), and each configuration's energy per image in the several-GPU run against the
    one-GPU run. Arguments after ``--`` are
    ``wattscope sweep`` options (default: ten models at 224 px, batch 64, bf16); ``--gpus`` and ``--db`` are set here.
+3. Shards (``--shards``): the same sweep split as two Slurm array tasks would split it, ``--shard 0/2`` on the first
+   GPU and ``--shard 1/2`` on the second, two separate processes started together, each with its own file; then
+   ``wattscope merge`` of the two. The merged file must hold every configuration once, none lost or doubled, and
+   its energies are compared with the several-GPU run's when that ran.
 
 Fake GPUs (``--fake``, CPU only, the bundled fake NVML), for 1, 2, 4 and 8 fake GPUs (``--counts``):
 
@@ -38,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -222,11 +228,16 @@ def run_isolation(gpus: tuple[int, ...], seconds: float) -> bool:
     return ok
 
 
+def _rows(db: Path) -> tuple[dict, int]:
+    from wattscope.sweep.store import SweepStore
+
+    with SweepStore(db, read_only=True) as store:
+        return {(r.unit_key, r.config.key): r for r in store.results()}, len(store.failures())
+
+
 def run_sweeps(gpus: tuple[int, ...], sweep_args: list[str], out_dir: Path) -> None:
     """Each sweep in a process of its own, as a user runs it: both pay the same start-up (torch's import, the worker
     fork server), which an in-process second run would have found warm."""
-    from wattscope.sweep.store import SweepStore
-
     runs = {}
     for chosen in (gpus[:1], gpus):
         db = out_dir / f"sweep_{len(chosen)}gpu.sqlite"
@@ -239,9 +250,7 @@ def run_sweeps(gpus: tuple[int, ...], sweep_args: list[str], out_dir: Path) -> N
         wall_s = time.monotonic() - t0
         if done.returncode != 0 or not db.exists():
             raise SystemExit(f"the sweep on GPUs {chosen} failed (exit status {done.returncode}): {shlex.join(cmd)}")
-        with SweepStore(db, read_only=True) as store:
-            rows = {(r.unit_key, r.config.key): r for r in store.results()}
-            failed = len(store.failures())
+        rows, failed = _rows(db)
         runs[len(chosen)] = (wall_s, failed, rows)
     print(f"\n## sweep throughput (`wattscope sweep {shlex.join(sweep_args)}`), files in {out_dir}\n")
     print("| GPUs | measured | failed | wall (whole command) | median per configuration | model configurations/hour "
@@ -270,6 +279,57 @@ def run_sweeps(gpus: tuple[int, ...], sweep_args: list[str], out_dir: Path) -> N
               f"| {statistics.median(ips):.3f} | {statistics.median(pw):.3f} |")
 
 
+def run_shards(gpus: tuple[int, ...], sweep_args: list[str], out_dir: Path) -> bool:
+    """``--shard i/2`` on the i-th GPU of ``gpus``, two processes started together (two array tasks of one job), then
+    ``wattscope merge``. Returns whether the merged file holds each configuration of the shards exactly once."""
+    pair = gpus[:2]
+    dbs = [out_dir / f"shard{i}of2.sqlite" for i in range(2)]
+    merged = out_dir / "shards_merged.sqlite"
+    for db in (*dbs, merged):
+        if db.exists():
+            raise SystemExit(f"{db} exists: choose another --out-dir")
+    # Each task sees only its own GPU, as Slurm gives it: CUDA_VISIBLE_DEVICES, and cuda:0 inside.
+    cmds = [[sys.executable, "-m", "wattscope.cli", "sweep", *sweep_args, "--shard", f"{i}/2", "--gpus", "0",
+             "--db", str(db), "--quiet"] for i, db in enumerate(dbs)]
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(c, env=os.environ | {"CUDA_VISIBLE_DEVICES": str(g)}) for c, g in zip(cmds, pair)]
+    walls: list[float | None] = [None, None]
+    while None in walls:  # each shard's own wall, whichever ends first
+        for i, proc in enumerate(procs):
+            if walls[i] is None and proc.poll() is not None:
+                walls[i] = time.monotonic() - t0
+        time.sleep(0.2)
+    for proc, cmd in zip(procs, cmds):
+        if proc.returncode != 0:
+            raise SystemExit(f"shard failed (exit status {proc.returncode}): {shlex.join(cmd)}")
+    merge = [sys.executable, "-m", "wattscope.cli", "merge", str(merged), *map(str, dbs)]
+    if subprocess.run(merge, check=False).returncode != 0:
+        raise SystemExit(f"merge failed: {shlex.join(merge)}")
+    shard_rows = [_rows(db)[0] for db in dbs]
+    merged_rows, merged_failed = _rows(merged)
+    overlap = set(shard_rows[0]) & set(shard_rows[1])
+    expected = set(shard_rows[0]) | set(shard_rows[1])
+    ok = not overlap and set(merged_rows) == expected
+    print(f"\n## shards: `--shard 0/2` on cuda:{pair[0]} and `--shard 1/2` on cuda:{pair[1]}, two processes, then "
+          f"`wattscope merge`\n")
+    print("| shard | GPU | configurations | wall |")
+    print("|---:|---|---:|---:|")
+    for i, (g, rows, wall_s) in enumerate(zip(pair, shard_rows, walls)):
+        print(f"| {i}/2 | cuda:{g} | {len(rows)} | {wall_s:.0f} s |")
+    print(f"\nmerged: {len(merged_rows)} configurations ({merged_failed} failures), {len(overlap)} in both shards, "
+          f"{len(expected - set(merged_rows))} missing from the merge: {'PASS' if ok else 'FAIL'}; "
+          f"{3600.0 * len(merged_rows) / max(walls):.0f} model configurations/hour (the slower shard's wall)")
+    several = out_dir / f"sweep_{len(gpus)}gpu.sqlite"
+    if several.exists():
+        ref, _ = _rows(several)
+        keys = sorted(k for k in merged_rows if k in ref and merged_rows[k].gpu_uuid == ref[k].gpu_uuid)
+        if keys:
+            e = [merged_rows[k].energy_per_image_j / ref[k].energy_per_image_j for k in keys]
+            print(f"energy per image, merged shards / several-GPU run, same board: {len(keys)} configurations, "
+                  f"median ratio {statistics.median(e):.3f} (min {min(e):.3f}, max {max(e):.3f})")
+    return ok
+
+
 def run_real(args: argparse.Namespace) -> int:
     import wattscope
 
@@ -292,6 +352,10 @@ def run_real(args: argparse.Namespace) -> int:
         out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="multi_gpu_bench_"))
         out_dir.mkdir(parents=True, exist_ok=True)
         run_sweeps(args.gpus, args.sweep_args or DEFAULT_SWEEP_ARGS, out_dir)
+    if args.shards:
+        out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="multi_gpu_bench_"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ok = run_shards(args.gpus, args.sweep_args or DEFAULT_SWEEP_ARGS, out_dir) and ok
     return 0 if ok else 1
 
 
@@ -322,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isolation-s", type=float, default=10.0, help="seconds per isolation window (default 10)")
     p.add_argument("--skip-isolation", action="store_true")
     p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--shards", action="store_true", help="also: --shard 0/2 and 1/2 on two GPUs, then merge")
     p.add_argument("--out-dir", help="where the sweep files go (default: a new temporary folder)")
     args = p.parse_args(argv)
     args.sweep_args = sweep_args

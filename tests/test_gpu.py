@@ -55,6 +55,30 @@ def test_cuda_index_maps_to_torch_uuid():
     assert [g.uuid.lower() for g in gpu if g.cuda_index == 0] == [uuid0]
 
 
+def test_cuda_visible_devices_maps_index_0_to_the_named_physical_gpu():
+    # Run only where there are two GPUs (nvidia-h200-x2): a child told CUDA_VISIBLE_DEVICES=1 must meter physical
+    # GPU 1 as its cuda:0, by UUID, and sample it.
+    import os
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    uuid1 = "gpu-" + str(torch.cuda.get_device_properties(1).uuid).lower()
+    child = (
+        "import time, wattscope\n"
+        "from wattscope import PowerMeter\n"
+        "print([g.uuid.lower() for g in wattscope.list_gpus() if g.cuda_index == 0][0])\n"
+        "with PowerMeter(0) as m: time.sleep(0.5)\n"
+        "print(m.result.gpus[0].uuid.lower(), m.result.gpus[0].energy_j > 0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WATTSCOPE_NVML_PATH"} | {"CUDA_VISIBLE_DEVICES": "1"}
+    done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [uuid1, uuid1, "True"]
+
+
 def _matmuls(torch, a, n: int) -> None:
     for _ in range(n):
         a @ a
