@@ -105,6 +105,12 @@ if has kernel_overhead; then
   python3 "$repo/bench/kernel_overhead_bench.py" --json "$OUT/kernel_overhead.json" ${OVERHEAD_ARGS:-} \
     --top-kernels-md "$OUT/top_kernels.md" 2>&1 | tee "$OUT/kernel_overhead.txt"
 fi
+if has range_overhead; then
+  mark range_overhead
+  # shellcheck disable=SC2086
+  python3 "$repo/bench/range_overhead_bench.py" --json "$OUT/range_overhead.json" ${RANGE_ARGS:-} 2>&1 \
+    | tee "$OUT/range_overhead.txt"
+fi
 has accuracy && python3 "$repo/bench/accuracy_bench.py" 2>&1 | tee "$OUT/accuracy.txt"
 has overhead && python3 "$repo/bench/overhead_bench.py" 2>&1 | tee "$OUT/overhead.txt"
 has cadence && python3 "$repo/bench/cadence_bench.py" 2>&1 | tee "$OUT/cadence.txt"

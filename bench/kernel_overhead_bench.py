@@ -9,6 +9,7 @@ its power cap, so only modes measured side by side within a round are compared):
   none            the loop alone
   meter           one PowerMeter() around the loop
   meter_kernels   one PowerMeter(kernels=True) around the loop
+  meter_ranges    one PowerMeter(kernels=True, ranges=True) around the loop, an NVTX range around every batch
   torch_profiler  torch.profiler.profile(activities=[CPU, CUDA]) around the loop (the peer: what users run today
                   to see kernels); its trace processing after the loop is timed apart, not in the throughput
 Each mode runs the same number of batches per round and is timed from the first launch to a final synchronize.
@@ -96,6 +97,17 @@ def main() -> int:
         tl = m.kernel_attribution(method="overlap").timeline
         return {**r, "energy_j": m.result.energy_j, "records_per_batch": len(tl) / n_batches, "dropped": tl.dropped}
 
+    def run_ranges() -> dict:
+        with wattscope.PowerMeter(args.device, kernels=True, ranges=True) as m:
+            t, cpu = time.perf_counter(), time.thread_time()
+            for _ in range(n_batches):
+                with torch.cuda.nvtx.range("batch"):
+                    step()
+            torch.cuda.synchronize()
+            r = {"s": time.perf_counter() - t, "cpu_s": time.thread_time() - cpu}
+        tl = m.kernel_attribution(method="overlap").timeline
+        return {**r, "energy_j": m.result.energy_j, "records_per_batch": len(tl) / n_batches, "dropped": tl.dropped}
+
     def run_profiler() -> dict:
         from torch.profiler import ProfilerActivity, profile
 
@@ -108,7 +120,8 @@ def main() -> int:
         n_cuda = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
         return {**r, "post_s": post_s, "cuda_events_per_batch": n_cuda / n_batches}
 
-    modes = {"none": run_none, "meter": run_meter, "meter_kernels": run_kernels, "torch_profiler": run_profiler}
+    modes = {"none": run_none, "meter": run_meter, "meter_kernels": run_kernels, "meter_ranges": run_ranges,
+             "torch_profiler": run_profiler}
     runs: dict[str, list[dict]] = {k: [] for k in modes}
     rng = random.Random(0)
     for rep in range(args.rounds):

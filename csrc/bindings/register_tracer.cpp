@@ -26,6 +26,7 @@ TracerConfig tracer_config_from_kwargs(const py::kwargs& kw) {
     else if (key == "capacity") c.capacity = v.cast<std::size_t>();
     else if (key == "memcpy") c.memcpy = v.cast<bool>();
     else if (key == "memset") c.memset = v.cast<bool>();
+    else if (key == "ranges") c.ranges = v.cast<bool>();
     else throw py::type_error("unknown kernel tracer option: " + key);
   }
   return c;
@@ -51,6 +52,8 @@ py::dict snapshot_to_dict(TracerSnapshot&& s) {
   out["stream_id"] = to_numpy(std::move(s.stream_id));
   out["correlation_id"] = to_numpy(std::move(s.correlation_id));
   out["names"] = s.names;
+  out["range_correlation_id"] = to_numpy(std::move(s.range_correlation_id));
+  out["range_id"] = to_numpy(std::move(s.range_id));
   out["buffers_refused"] = s.buffers_refused;
   out["records_dropped"] = s.records_dropped;
   out["records_overflow"] = s.records_overflow;
@@ -71,7 +74,13 @@ void register_tracer(py::module_& m) {
            "search_dirs (default sys.path) for nvidia/*/lib/libcupti.so*, $CUDA_HOME, the loader's path.")
       .def_property_readonly("path", &CuptiLibrary::path)
       .def_property_readonly("reused", &CuptiLibrary::reused)
-      .def_property_readonly("version", &CuptiLibrary::version);
+      .def_property_readonly("version", &CuptiLibrary::version)
+      .def_property_readonly("has_ranges", &CuptiLibrary::has_ranges)
+      // Hot path of every user range: no GIL release (the calls take well under a microsecond), no exception.
+      .def("push_range", &CuptiLibrary::push_range, py::arg("range_id"),
+           "Push range_id on this thread's CUSTOM2 external-correlation stack; returns CUPTI's code (0: success).")
+      .def("pop_range", &CuptiLibrary::pop_range,
+           "Pop this thread's innermost range id; returns CUPTI's code (0: success).");
 
   // Held by shared_ptr so that the sampler's flush chore can refer to a tracer weakly (set_tracer_flush).
   py::class_<KernelTracer, std::shared_ptr<KernelTracer>>(m, "KernelTracer")

@@ -128,7 +128,20 @@ CuptiLibrary::CuptiLibrary(void* dl, std::string path, bool reused)
   }
   resolve(dl_, "cuptiGetVersion", sym_.get_version);
   resolve(dl_, "cuptiActivityGetNumDroppedRecords", sym_.dropped_records);
+  resolve(dl_, "cuptiActivityPushExternalCorrelationId", sym_.push_external_id);
+  resolve(dl_, "cuptiActivityPopExternalCorrelationId", sym_.pop_external_id);
   if (sym_.get_version != nullptr) check("cuptiGetVersion", sym_.get_version(&version_));
+}
+
+CUptiResult CuptiLibrary::push_range(uint64_t id) const {
+  if (!has_ranges()) return kCuptiSymbolMissing;
+  return sym_.push_external_id(CUPTI_EXTERNAL_CORRELATION_KIND_CUSTOM2, id);
+}
+
+CUptiResult CuptiLibrary::pop_range() const {
+  if (!has_ranges()) return kCuptiSymbolMissing;
+  uint64_t last = 0;
+  return sym_.pop_external_id(CUPTI_EXTERNAL_CORRELATION_KIND_CUSTOM2, &last);
 }
 
 std::string CuptiLibrary::error_string(CUptiResult rc) const {

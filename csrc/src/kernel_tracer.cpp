@@ -127,6 +127,11 @@ constexpr std::size_t kKernelNameAt = 104;
 constexpr std::size_t kCopyDeviceAt = 32;
 constexpr std::size_t kCopyStreamAt = 40;
 constexpr std::size_t kCopyCorrelationAt = 44;
+// CUpti_ActivityExternalCorrelation (kind u32, externalKind u32, externalId u64, correlationId u32, reserved u32):
+// unchanged since CUDA 8.
+constexpr std::size_t kExternalKindAt = 4;
+constexpr std::size_t kExternalIdAt = 8;
+constexpr std::size_t kExternalCorrelationAt = 16;
 
 template <typename T>
 T read_at(const uint8_t* record, std::size_t offset) {
@@ -209,6 +214,15 @@ struct TracerCore {
       const auto* p = reinterpret_cast<const uint8_t*>(activity);
       RawRecord r;
       r.kind = read_at<uint32_t>(p, kKindAt);
+      if (r.kind == CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION) {
+        if (read_at<uint32_t>(p, kExternalKindAt) != CUPTI_EXTERNAL_CORRELATION_KIND_CUSTOM2) continue;  // Kineto's
+        if (range_pairs.size() >= capacity) {
+          overflow += 1;
+        } else {
+          range_pairs.emplace_back(read_at<uint32_t>(p, kExternalCorrelationAt), read_at<uint64_t>(p, kExternalIdAt));
+        }
+        continue;
+      }
       r.start_ticks = read_at<uint64_t>(p, kStartAt);
       r.end_ticks = read_at<uint64_t>(p, kEndAt);
       if (r.kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL || r.kind == CUPTI_ACTIVITY_KIND_KERNEL) {
@@ -270,6 +284,7 @@ struct TracerCore {
 
   mutable std::mutex records_mu;
   std::vector<RawRecord> records;
+  std::vector<std::pair<uint32_t, uint64_t>> range_pairs;  // (correlation id, range id)
   std::unordered_map<const char*, int32_t> name_ids;
   std::vector<std::string> names;
   uint64_t dropped = 0;
@@ -405,6 +420,19 @@ void KernelTracer::start() {
     std::vector<uint32_t> kinds{CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL};
     if (config_.memcpy) kinds.push_back(CUPTI_ACTIVITY_KIND_MEMCPY);
     if (config_.memset) kinds.push_back(CUPTI_ACTIVITY_KIND_MEMSET);
+    if (config_.ranges) {
+      if (!cupti_->has_ranges()) {
+        throw CuptiError("KernelTracer.start", kCuptiSymbolMissing,
+                         "this libcupti has no cuptiActivityPushExternalCorrelationId: user ranges need CUPTI "
+                         "from CUDA 8 or later");
+      }
+      // Launches reach the driver either through the runtime (torch's cudaLaunchKernel) or directly (Triton's
+      // cuLaunchKernel); a kernel carries the correlation id of the call that launched it, so both kinds are on.
+      for (uint32_t kind : {CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION, CUPTI_ACTIVITY_KIND_RUNTIME,
+                            CUPTI_ACTIVITY_KIND_DRIVER}) {
+        kinds.push_back(kind);
+      }
+    }
     for (uint32_t kind : kinds) {
       cupti_->check("cuptiActivityEnable", sym.enable(kind));
       enabled_kinds_.push_back(kind);
@@ -553,6 +581,12 @@ TracerSnapshot KernelTracer::snapshot() const {
     out.correlation_id[i] = r.correlation_id;
   }
   out.names = core->names;
+  out.range_correlation_id.reserve(core->range_pairs.size());
+  out.range_id.reserve(core->range_pairs.size());
+  for (const auto& [correlation, id] : core->range_pairs) {
+    out.range_correlation_id.push_back(correlation);
+    out.range_id.push_back(id);
+  }
   out.records_dropped = core->dropped;
   out.records_overflow = core->overflow;
   out.records_incomplete = core->incomplete;

@@ -29,13 +29,16 @@ enum Fn : int {
   kFlushAll,
   kGetNextRecord,
   kGetNumDroppedRecords,
+  kPushExternalCorrelationId,
+  kPopExternalCorrelationId,
   kFnCount,
 };
 
 constexpr const char* kFnNames[kFnCount] = {
     "cuptiGetVersion",       "cuptiGetTimestamp",          "cuptiActivityRegisterCallbacks",
     "cuptiActivityEnable",   "cuptiActivityDisable",       "cuptiActivityFlushAll",
-    "cuptiActivityGetNextRecord", "cuptiActivityGetNumDroppedRecords",
+    "cuptiActivityGetNextRecord", "cuptiActivityGetNumDroppedRecords", "cuptiActivityPushExternalCorrelationId",
+    "cuptiActivityPopExternalCorrelationId",
 };
 
 int find_fn(const char* name) {
@@ -45,6 +48,8 @@ int find_fn(const char* name) {
   }
   return -1;
 }
+
+constexpr uint32_t kKindSlots = 64;  // CUpti_ActivityKind values the fake can enable (EXTERNAL_CORRELATION is 39)
 
 struct FailRule {
   bool armed = false;
@@ -79,7 +84,7 @@ struct State {
   std::mutex mu;
   CUpti_BuffersCallbackRequestFunc request = nullptr;
   CUpti_BuffersCallbackCompleteFunc complete = nullptr;
-  bool enabled[32] = {};
+  bool enabled[kKindSlots] = {};
   double ticks_per_ns = 1.0;
   long long offset_ticks = 0;
   uint32_t version = 130001;
@@ -137,6 +142,11 @@ uint32_t record_bytes(uint32_t kind) {
       return FAKE_CUPTI_MEMCPY_RECORD_BYTES;
     case CUPTI_ACTIVITY_KIND_MEMSET:
       return FAKE_CUPTI_MEMSET_RECORD_BYTES;
+    case CUPTI_ACTIVITY_KIND_RUNTIME:
+    case CUPTI_ACTIVITY_KIND_DRIVER:
+      return FAKE_CUPTI_API_RECORD_BYTES;
+    case CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION:
+      return FAKE_CUPTI_EXTERNAL_CORRELATION_RECORD_BYTES;
     default:
       return 0;
   }
@@ -145,6 +155,36 @@ uint32_t record_bytes(uint32_t kind) {
 template <typename T>
 void write_at(uint8_t* record, size_t offset, T v) {
   std::memcpy(record + offset, &v, sizeof v);
+}
+
+// CUPTI keeps one stack of external ids per thread and kind; the fake only knows CUSTOM2 and the others' slots.
+constexpr uint32_t kExternalKinds = 6;
+thread_local std::vector<uint64_t> t_external_ids[kExternalKinds];
+
+// Room for `bytes` in the held buffer, asking the product for a new one when needed (s.mu held); nullptr when it
+// handed none out (the record is dropped and counted).
+uint8_t* reserve(State& s, uint32_t bytes) {
+  if (s.held.empty() || s.held.back().size - s.held.back().used < bytes) {
+    uint8_t* data = nullptr;
+    size_t size = 0;
+    size_t max_records = 0;
+    s.request(&data, &size, &max_records);
+    if (data == nullptr || size < bytes) {
+      s.dropped_unreported += 1;
+      s.dropped_total += 1;
+      return nullptr;
+    }
+    if (reinterpret_cast<uintptr_t>(data) % 8 != 0) {
+      std::fprintf(stderr, "fake_cupti: buffer %p is not 8-byte aligned (CUPTI requires it)\n",
+                   static_cast<void*>(data));
+    }
+    s.held.push_back(HeldBuffer{data, size, 0});
+  }
+  HeldBuffer& b = s.held.back();
+  uint8_t* r = b.data + b.used;
+  b.used += bytes;
+  std::memset(r, 0xAB, bytes);  // garbage in the fields the product must not read
+  return r;
 }
 
 }  // namespace
@@ -201,7 +241,7 @@ FAKE_CUPTI_EXPORT CUptiResult cuptiActivityEnable(uint32_t kind) {
   State& s = state();
   std::lock_guard<std::mutex> lk(s.mu);
   if (const int rc = s.enter(kEnable); rc != CUPTI_SUCCESS) return rc;
-  if (kind >= 32 || record_bytes(kind) == 0) return CUPTI_ERROR_INVALID_KIND;
+  if (kind >= kKindSlots || record_bytes(kind) == 0) return CUPTI_ERROR_INVALID_KIND;
   if (s.request == nullptr) return CUPTI_ERROR_INVALID_OPERATION;  // real CUPTI needs the callbacks first too
   s.enabled[kind] = true;
   return CUPTI_SUCCESS;
@@ -211,7 +251,7 @@ FAKE_CUPTI_EXPORT CUptiResult cuptiActivityDisable(uint32_t kind) {
   State& s = state();
   std::lock_guard<std::mutex> lk(s.mu);
   if (const int rc = s.enter(kDisable); rc != CUPTI_SUCCESS) return rc;
-  if (kind >= 32 || record_bytes(kind) == 0) return CUPTI_ERROR_INVALID_KIND;
+  if (kind >= kKindSlots || record_bytes(kind) == 0) return CUPTI_ERROR_INVALID_KIND;
   s.enabled[kind] = false;
   return CUPTI_SUCCESS;
 }
@@ -300,26 +340,29 @@ FAKE_CUPTI_EXPORT int fake_cupti_inject(unsigned int kind, unsigned int device_i
   }
   State& s = state();
   std::lock_guard<std::mutex> lk(s.mu);
-  if (kind >= 32 || !s.enabled[kind] || s.request == nullptr) return 0;
-  if (s.held.empty() || s.held.back().size - s.held.back().used < bytes) {
-    uint8_t* data = nullptr;
-    size_t size = 0;
-    size_t max_records = 0;
-    s.request(&data, &size, &max_records);
-    if (data == nullptr || size < bytes) {
-      s.dropped_unreported += 1;
-      s.dropped_total += 1;
-      return 0;
+  if (kind >= kKindSlots || !s.enabled[kind] || s.request == nullptr) return 0;
+  // The launching API call, as real CUPTI writes it when DRIVER or RUNTIME is on: its record, preceded by one
+  // EXTERNAL_CORRELATION record per kind whose stack is not empty on this (the launching) thread.
+  if (s.enabled[CUPTI_ACTIVITY_KIND_RUNTIME] || s.enabled[CUPTI_ACTIVITY_KIND_DRIVER]) {
+    if (s.enabled[CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION]) {
+      for (uint32_t ext = 0; ext < kExternalKinds; ++ext) {
+        if (t_external_ids[ext].empty()) continue;
+        uint8_t* e = reserve(s, FAKE_CUPTI_EXTERNAL_CORRELATION_RECORD_BYTES);
+        if (e == nullptr) return 0;
+        write_at<uint32_t>(e, 0, CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION);
+        write_at<uint32_t>(e, 4, ext);
+        write_at<uint64_t>(e, 8, t_external_ids[ext].back());
+        write_at<uint32_t>(e, 16, correlation_id);
+      }
     }
-    if (reinterpret_cast<uintptr_t>(data) % 8 != 0) {
-      std::fprintf(stderr, "fake_cupti: buffer %p is not 8-byte aligned (CUPTI requires it)\n",
-                   static_cast<void*>(data));
-    }
-    s.held.push_back(HeldBuffer{data, size, 0});
+    uint8_t* a = reserve(s, FAKE_CUPTI_API_RECORD_BYTES);
+    if (a == nullptr) return 0;
+    write_at<uint32_t>(a, 0, s.enabled[CUPTI_ACTIVITY_KIND_RUNTIME] ? CUPTI_ACTIVITY_KIND_RUNTIME
+                                                                     : CUPTI_ACTIVITY_KIND_DRIVER);
+    write_at<uint32_t>(a, 32, correlation_id);
   }
-  HeldBuffer& b = s.held.back();
-  uint8_t* r = b.data + b.used;
-  std::memset(r, 0xAB, bytes);  // garbage in the fields the product must not read
+  uint8_t* r = reserve(s, bytes);
+  if (r == nullptr) return 0;
   const bool untimed = start_mono_ns == 0 && end_mono_ns == 0;
   write_at<uint32_t>(r, 0, kind);
   write_at<uint64_t>(r, 16, untimed ? 0 : s.ticks_at(start_mono_ns));
@@ -339,8 +382,35 @@ FAKE_CUPTI_EXPORT int fake_cupti_inject(unsigned int kind, unsigned int device_i
     write_at<uint32_t>(r, 40, stream_id);
     write_at<uint32_t>(r, 44, correlation_id);
   }
-  b.used += bytes;
   return 1;
+}
+
+FAKE_CUPTI_EXPORT CUptiResult cuptiActivityPushExternalCorrelationId(uint32_t kind, uint64_t id) {
+  {
+    State& s = state();
+    std::lock_guard<std::mutex> lk(s.mu);
+    if (const int rc = s.enter(kPushExternalCorrelationId); rc != CUPTI_SUCCESS) return rc;
+  }
+  if (kind == 0 || kind >= kExternalKinds) return CUPTI_ERROR_INVALID_KIND;
+  t_external_ids[kind].push_back(id);
+  return CUPTI_SUCCESS;
+}
+
+FAKE_CUPTI_EXPORT CUptiResult cuptiActivityPopExternalCorrelationId(uint32_t kind, uint64_t* last_id) {
+  {
+    State& s = state();
+    std::lock_guard<std::mutex> lk(s.mu);
+    if (const int rc = s.enter(kPopExternalCorrelationId); rc != CUPTI_SUCCESS) return rc;
+  }
+  if (kind == 0 || kind >= kExternalKinds) return CUPTI_ERROR_INVALID_KIND;
+  if (t_external_ids[kind].empty()) return CUPTI_ERROR_QUEUE_EMPTY;
+  if (last_id != nullptr) *last_id = t_external_ids[kind].back();
+  t_external_ids[kind].pop_back();
+  return CUPTI_SUCCESS;
+}
+
+FAKE_CUPTI_EXPORT unsigned int fake_cupti_external_depth(unsigned int kind) {
+  return kind < kExternalKinds ? static_cast<unsigned int>(t_external_ids[kind].size()) : 0u;
 }
 
 FAKE_CUPTI_EXPORT void fake_cupti_fail(const char* function, unsigned int after_calls, int code) {
@@ -369,7 +439,7 @@ FAKE_CUPTI_EXPORT unsigned long long fake_cupti_call_count(const char* function)
 FAKE_CUPTI_EXPORT int fake_cupti_enabled(unsigned int kind) {
   State& s = state();
   std::lock_guard<std::mutex> lk(s.mu);
-  return kind < 32 && s.enabled[kind] ? 1 : 0;
+  return kind < kKindSlots && s.enabled[kind] ? 1 : 0;
 }
 
 FAKE_CUPTI_EXPORT unsigned int fake_cupti_buffers_held(void) {

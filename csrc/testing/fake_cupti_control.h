@@ -25,6 +25,8 @@ extern "C" {
 #define FAKE_CUPTI_KERNEL_RECORD_BYTES 216u
 #define FAKE_CUPTI_MEMCPY_RECORD_BYTES 88u
 #define FAKE_CUPTI_MEMSET_RECORD_BYTES 72u
+#define FAKE_CUPTI_API_RECORD_BYTES 40u                   // CUpti_ActivityAPI
+#define FAKE_CUPTI_EXTERNAL_CORRELATION_RECORD_BYTES 24u  // CUpti_ActivityExternalCorrelation
 
 // Forgets held buffers (without completing them), the callbacks, enabled kinds, failure rules, call counts and
 // dropped counts; restores the default clock and version 130001.
@@ -39,6 +41,9 @@ FAKE_CUPTI_API unsigned long long fake_cupti_ticks_at(long long mono_ns);
 // monotonic times; start_mono_ns == end_mono_ns == 0 writes raw zero stamps (a record CUPTI could not time). `name`
 // is copied once per distinct string and the copy's address is stable for the life of the process, as CUPTI's
 // per-function names are. Returns 1 when recorded, 0 when the kind is disabled or no buffer was handed out.
+// With RUNTIME (or DRIVER) enabled, a record is preceded by its launching call's API record, and with
+// EXTERNAL_CORRELATION also enabled by one external correlation record per kind whose id stack is not empty on the
+// calling thread (cuptiActivityPushExternalCorrelationId), as CUPTI writes them for a launch on that thread.
 FAKE_CUPTI_API int fake_cupti_inject(unsigned int kind, unsigned int device_id, unsigned int stream_id,
                                      const char* name, long long start_mono_ns, long long end_mono_ns,
                                      unsigned int correlation_id);
@@ -54,6 +59,8 @@ FAKE_CUPTI_API int fake_cupti_enabled(unsigned int kind);
 FAKE_CUPTI_API unsigned int fake_cupti_buffers_held(void);
 // Records dropped since reset (no buffer handed out), whether or not the product has asked for them yet.
 FAKE_CUPTI_API unsigned long long fake_cupti_dropped_total(void);
+// Ids on the calling thread's external-correlation stack of `kind` (5: CUSTOM2).
+FAKE_CUPTI_API unsigned int fake_cupti_external_depth(unsigned int kind);
 // What cuptiGetVersion returns.
 FAKE_CUPTI_API void fake_cupti_set_version(unsigned int version);
 

@@ -502,7 +502,65 @@ void test_kernel_names_are_demangled() {
   t.stop();
 }
 
+// Ranges: the kinds go on and off with the tracer; a kernel launched while an id is pushed on this thread comes
+// with a (correlation, id) pair for the innermost id; API records and other clients' external kinds are skipped; a
+// pop on an empty stack is CUPTI's error code, not a throw.
+void test_range_pairs_follow_the_innermost_pushed_id() {
+  auto lib = open_fake();
+  CHECK(lib->has_ranges());
+  TracerConfig config;
+  config.ranges = true;
+  KernelTracer t(lib, config);
+  t.start();
+  for (uint32_t kind : {CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION, CUPTI_ACTIVITY_KIND_RUNTIME,
+                        CUPTI_ACTIVITY_KIND_DRIVER}) {
+    CHECK_EQ(fake.enabled(kind), 1);
+  }
+  std::vector<Injected> expected;
+  expected.push_back(inject_kernel_now("outside", 7, 1));
+  CHECK_EQ(lib->push_range(40), CUPTI_SUCCESS);
+  expected.push_back(inject_kernel_now("in_outer", 7, 2));
+  CHECK_EQ(lib->push_range(41), CUPTI_SUCCESS);
+  expected.push_back(inject_kernel_now("in_inner", 7, 3));
+  CHECK_EQ(lib->pop_range(), CUPTI_SUCCESS);
+  expected.push_back(inject_kernel_now("in_outer", 7, 4));
+  CHECK_EQ(lib->pop_range(), CUPTI_SUCCESS);
+  CHECK_EQ(lib->pop_range(), CUPTI_ERROR_QUEUE_EMPTY);
+  CHECK(t.flush());
+  const TracerSnapshot snap = t.snapshot();
+  check_records(snap, expected);  // the API records were not taken for kernels
+  CHECK_EQ(snap.range_correlation_id.size(), 3u);
+  if (snap.range_correlation_id.size() == 3u) {
+    CHECK_EQ(snap.range_correlation_id[0], 2u);
+    CHECK_EQ(snap.range_id[0], 40u);
+    CHECK_EQ(snap.range_correlation_id[1], 3u);
+    CHECK_EQ(snap.range_id[1], 41u);
+    CHECK_EQ(snap.range_correlation_id[2], 4u);
+    CHECK_EQ(snap.range_id[2], 40u);
+  }
+  t.stop();
+  CHECK_EQ(fake.enabled(CUPTI_ACTIVITY_KIND_RUNTIME), 0);
+  CHECK_EQ(fake.enabled(CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION), 0);
+  CHECK(t.failures().empty());
+}
+
+// Without the ranges option nothing but the activity kinds is enabled, and a pushed id yields no pairs.
+void test_no_range_pairs_without_the_option() {
+  auto lib = open_fake();
+  KernelTracer t(lib, TracerConfig{});
+  t.start();
+  CHECK_EQ(fake.enabled(CUPTI_ACTIVITY_KIND_RUNTIME), 0);
+  CHECK_EQ(lib->push_range(7), CUPTI_SUCCESS);
+  inject_kernel_now("k", 7, 1);
+  CHECK_EQ(lib->pop_range(), CUPTI_SUCCESS);
+  CHECK(t.flush());
+  CHECK_EQ(t.snapshot().range_id.size(), 0u);
+  t.stop();
+}
+
 const TestCase kTests[] = {
+    {"range_pairs_follow_the_innermost_pushed_id", test_range_pairs_follow_the_innermost_pushed_id},
+    {"no_range_pairs_without_the_option", test_no_range_pairs_without_the_option},
     {"kernel_names_are_demangled", test_kernel_names_are_demangled},
     {"start_reclaims_a_buffer_another_client_left_in_cupti", test_start_reclaims_a_buffer_another_client_left_in_cupti},
     {"open_reports_version_and_path", test_open_reports_version_and_path},

@@ -23,6 +23,7 @@ import numpy as np
 from . import profiler_guard
 from .errors import WattscopeError
 from .kernels import UNTRACED, KernelTimeline
+from .ranges import RangeInfo, RangeRecorder, hook_torch_nvtx, range_ids
 
 CUPTI_PATH_ENV = "WATTSCOPE_CUPTI_PATH"
 # Set by Nsight Systems, Nsight Compute and compute-sanitizer to load themselves into the process as CUPTI clients.
@@ -51,9 +52,11 @@ def _unavailable(cause: Exception) -> KernelTracingUnavailableError:
 @dataclass(frozen=True, eq=False)
 class Lease:
     """A meter's hold on the session's tracing, from ``KernelTracing.acquire``; ``run`` tells tracing runs apart
-    (a shutdown ends one), so a lease from before a shutdown releases nothing."""
+    (a shutdown ends one), so a lease from before a shutdown releases nothing. ``ranges``: whether this run records
+    user ranges (the first meter of a run decides)."""
 
     run: int
+    ranges: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,12 +65,18 @@ class KernelCapture:
 
     ``untraced`` lists the stretches of the window in which another CUPTI client (torch.profiler) held the activity
     API, as ``(start_ns, stop_ns, holder)``: kernels ran there unseen, so attribution puts that time in its own
-    ``[untraced]`` row instead of ``[idle]``."""
+    ``[untraced]`` row instead of ``[idle]``.
+
+    ``ranges``: the user ranges the records' ``range_id`` refer to (ranges.py), or None when the window was not
+    traced with ranges (``ranges_unavailable`` then says why); ``ranges_overflow`` counts entries not recorded."""
 
     timeline: KernelTimeline | None
     unavailable: str | None = None
     failures: tuple[str, ...] = ()
     untraced: tuple[tuple[int, int, str], ...] = ()
+    ranges: dict[int, RangeInfo] | None = None
+    ranges_unavailable: str | None = None
+    ranges_overflow: int = 0
 
 
 class KernelTracing:
@@ -90,17 +99,21 @@ class KernelTracing:
         self._untraced: list[list[Any]] = []  # [start_ns, stop_ns or None while open, holder]
         self._held_by: str | None = None  # who holds CUPTI now instead of us
         self._pid = os.getpid()  # a forked child's profiler must not drive the parent's tracers
+        self.ranges = RangeRecorder()
+        self._ranges_on = False  # this run's tracers record user ranges
 
     def configure(self, **options: Any) -> None:
         """KernelTracer options (``buffer_bytes``, ``buffer_count``, ``capacity``, ...) for the next start."""
         with self._lock:
             self._options = dict(options)
 
-    def acquire(self) -> Lease:
-        """Hold the tracing (started if needed). Raises KernelTracingUnavailableError when CUPTI cannot start."""
+    def acquire(self, ranges: bool = False) -> Lease:
+        """Hold the tracing (started if needed, recording user ranges when ``ranges``; a run already going keeps
+        its setting, which the lease reports). Raises KernelTracingUnavailableError when CUPTI cannot start."""
         profiler_guard.watch(self)
         with self._lock:
             if self._users == 0:
+                self._ranges_on = ranges
                 self._segments, self._untraced = [], []
                 # Asked afresh at every first use: a holder remembered from an earlier run may have gone without
                 # telling us (a profiler that began before the wrappers were installed).
@@ -110,7 +123,7 @@ class KernelTracing:
                 else:
                     self._start()
             self._users += 1
-            return Lease(self._run)
+            return Lease(self._run, self._ranges_on)
 
     def release(self, lease: Lease) -> None:
         with self._lock:
@@ -134,8 +147,15 @@ class KernelTracing:
                              for t in self._segments for f in t.failures())
             untraced = tuple((max(int(a), start_ns), min(stop_ns if b is None else int(b), stop_ns), holder)
                              for a, b, holder in self._untraced if a < stop_ns and (b is None or b > start_ns))
-        parts = [timeline_from_snapshot(snap, start_ns, stop_ns) for snap in snaps]
-        return KernelCapture(KernelTimeline.concat(parts), failures=failures, untraced=untraced)
+            ranges, overflow = self.ranges.recorded() if lease.ranges else (None, 0)
+        parts = [timeline_from_snapshot(snap, start_ns, stop_ns, with_ranges=lease.ranges) for snap in snaps]
+        return KernelCapture(
+            KernelTimeline.concat(parts), failures=failures, untraced=untraced, ranges=ranges,
+            ranges_unavailable=None if lease.ranges else (
+                "this window was traced without ranges: the first kernel meter of the tracing run decides, so open "
+                "the outermost one with PowerMeter(kernels=True, ranges=True)"),
+            ranges_overflow=overflow,
+        )
 
     def suspend(self, holder: str) -> None:
         """Another client is about to take CUPTI: stop recording (the forced flush in stop returns our buffers
@@ -178,17 +198,22 @@ class KernelTracing:
             if self._cupti is None:
                 # An empty path lets the native loader honour WATTSCOPE_CUPTI_PATH, then search.
                 self._cupti = self._core.Cupti("")
-            tracer = self._core.KernelTracer(self._cupti, **self._options)
+            tracer = self._core.KernelTracer(self._cupti, **self._options, ranges=self._ranges_on)
             tracer.start()
         except WattscopeError as e:
             raise _unavailable(e) from e
         self._active = tracer
         self._segments.append(tracer)
+        if self._ranges_on:
+            self.ranges.attach(self._cupti)
+            hook_torch_nvtx(self.ranges)
         # CUPTI's buffers must come back while a long window runs, or the pool runs dry and records are dropped.
         self._core.set_tracer_flush(self._sampler(), tracer, _FLUSH_PERIOD_S)
 
     def _stop_active(self) -> None:
         self._core.set_tracer_flush(self._sampler(), None)
+        if self._ranges_on:
+            self.ranges.detach()
         self._active.stop()
         self._active = None
 
@@ -196,11 +221,13 @@ class KernelTracing:
         if self._active is not None:
             self._stop_active()
         self._segments, self._untraced = [], []
+        self.ranges.reset()
         self._run += 1
 
 
-def timeline_from_snapshot(snap: dict, start_ns: int, stop_ns: int) -> KernelTimeline:
-    """The tracer's records overlapping ``[start_ns - 1 s, stop_ns + 1 s]`` as a KernelTimeline.
+def timeline_from_snapshot(snap: dict, start_ns: int, stop_ns: int, *, with_ranges: bool = False) -> KernelTimeline:
+    """The tracer's records overlapping ``[start_ns - 1 s, stop_ns + 1 s]`` as a KernelTimeline (with each record's
+    user range when ``with_ranges``).
 
     ``dropped`` counts every record the tracer lost (refused buffers, overflow, incomplete) since it started: CUPTI
     does not say when a lost record ran, so a loss before this window is counted here too (it overstates, never
@@ -221,10 +248,12 @@ def timeline_from_snapshot(snap: dict, start_ns: int, stop_ns: int) -> KernelTim
         labels.astype(object),
         None,
         dropped,
+        range_ids(snap["correlation_id"][keep], snap["range_correlation_id"], snap["range_id"]) if with_ranges
+        else None,
     )
 
 
-def open_tracer(session: Any, mode: bool | str) -> tuple[Lease | None, KernelCapture | None]:
+def open_tracer(session: Any, mode: bool | str, ranges: bool = False) -> tuple[Lease | None, KernelCapture | None]:
     """For a meter's start: a lease on the session's tracing, or (``mode="auto"``, or a profiling tool that owns
     CUPTI) why there is none."""
     injected = os.environ.get(_INJECTION_ENV)
@@ -236,7 +265,7 @@ def open_tracer(session: Any, mode: bool | str) -> tuple[Lease | None, KernelCap
         warnings.warn(why, stacklevel=4)
         return None, KernelCapture(None, why)
     try:
-        return session.kernel_tracing().acquire(), None
+        return session.kernel_tracing().acquire(ranges), None
     except KernelTracingUnavailableError as e:
         if mode != "auto":
             raise

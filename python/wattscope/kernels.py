@@ -139,6 +139,8 @@ class KernelTimeline:
             kernels ran unseen, named ``[untraced]``).
         grid: optional object array of ``"gx,gy,gz"`` strings, for ``group_by="name+grid"``.
         dropped: records the tracer lost (CUPTI buffer full); their time counts as idle.
+        range_id: optional int64 array, the innermost user range each record was launched in (-1: none); see
+            ranges.py.
 
     ``eq=False`` because the fields are arrays. Inputs are converted and validated on construction.
     """
@@ -151,6 +153,7 @@ class KernelTimeline:
     kind: np.ndarray
     grid: np.ndarray | None = None
     dropped: int = 0
+    range_id: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         fields = {
@@ -163,6 +166,8 @@ class KernelTimeline:
         }
         if self.grid is not None:
             fields["grid"] = _object_array(self.grid, "grid")
+        if self.range_id is not None:
+            fields["range_id"] = _int_array(self.range_id, "range_id")
         n = fields["start_ns"].size
         lengths = {k: v.size for k, v in fields.items()}
         if any(size != n for size in lengths.values()):
@@ -201,15 +206,19 @@ class KernelTimeline:
     @classmethod
     def concat(cls, parts: list[KernelTimeline]) -> KernelTimeline:
         """One timeline of several (records in order of ``parts``; ``dropped`` summed; grid kept only when every
-        part has one)."""
+        part has one; range ids kept when any part has them, -1 for the records of parts without)."""
         if not parts:
             return cls.empty()
         grids = [p.grid for p in parts]
+        ranges = None
+        if any(p.range_id is not None for p in parts):
+            ranges = np.concatenate([np.full(len(p), -1, dtype=np.int64) if p.range_id is None else p.range_id
+                                     for p in parts])
         return cls(
             np.concatenate([p.start_ns for p in parts]), np.concatenate([p.end_ns for p in parts]),
             np.concatenate([p.name for p in parts]), np.concatenate([p.stream for p in parts]),
             np.concatenate([p.device for p in parts]), np.concatenate([p.kind for p in parts]),
-            None if any(g is None for g in grids) else np.concatenate(grids), sum(p.dropped for p in parts),
+            None if any(g is None for g in grids) else np.concatenate(grids), sum(p.dropped for p in parts), ranges,
         )
 
     def take(self, index: ArrayLike) -> KernelTimeline:
@@ -218,6 +227,7 @@ class KernelTimeline:
         return KernelTimeline(
             self.start_ns[idx], self.end_ns[idx], self.name[idx], self.stream[idx], self.device[idx],
             self.kind[idx], None if self.grid is None else self.grid[idx], self.dropped,
+            None if self.range_id is None else self.range_id[idx],
         )
 
     def for_device(self, device: int) -> KernelTimeline:

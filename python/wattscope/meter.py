@@ -75,6 +75,9 @@ class PowerMeter:
     kernels: ``True`` traces the GPU kernels with CUPTI (``m.kernels``: energy per kernel); start raises
         ``KernelTracingUnavailableError`` when CUPTI is missing. ``"auto"``: trace when possible, else measure energy
         alone and say so in the result's ``uncertainty_reasons``.
+    ranges: with ``kernels``, also record user ranges: ``torch.cuda.nvtx.range`` / ``range_push`` / ``range_pop``
+        and ``phase()``; ``m.ranges`` gives energy per range (ranges.py). It costs a CUPTI record per CUDA call, so
+        it is off by default (bench/RESULTS.md has the measured cost).
     """
 
     def __init__(
@@ -86,9 +89,14 @@ class PowerMeter:
         wait_timeout_s: float = 1.0,
         strict: bool = False,
         kernels: bool | str = False,
+        ranges: bool = False,
     ) -> None:
         if kernels not in (False, True, "auto"):
             raise ValueError(f"kernels must be True, False or 'auto', got {kernels!r}")
+        if ranges not in (False, True):
+            raise ValueError(f"ranges must be True or False, got {ranges!r}")
+        if ranges and not kernels:
+            raise ValueError("ranges=True needs kernel tracing: PowerMeter(kernels=True, ranges=True)")
         if wait_timeout_s < 0 or not math.isfinite(wait_timeout_s):
             raise ValueError(f"wait_timeout_s must be a non-negative number of seconds, got {wait_timeout_s!r}")
         self.devices = devices
@@ -107,6 +115,7 @@ class PowerMeter:
         self._phases: list[PowerMeter] = []  # phase() windows of the current window, in the order they opened
         # -- kernel tracing (kernel_session.py) --
         self._kernels_mode = kernels
+        self._ranges_mode = ranges
         self._kernel_tracer: Any = None
         self._kernel_capture: kernel_session.KernelCapture | None = None
         self._attributions: dict[tuple, Any] = {}
@@ -131,7 +140,8 @@ class PowerMeter:
         # -- kernel tracing: before the sampler is held, so that a missing CUPTI leaves nothing to undo --
         self._kernel_tracer, self._kernel_capture, self._attributions = None, None, {}
         if self._kernels_mode:
-            self._kernel_tracer, self._kernel_capture = kernel_session.open_tracer(self._session, self._kernels_mode)
+            self._kernel_tracer, self._kernel_capture = kernel_session.open_tracer(
+                self._session, self._kernels_mode, self._ranges_mode)
         # -- end kernel tracing --
         self._session.sampler().acquire()
         self._sync()
@@ -173,7 +183,7 @@ class PowerMeter:
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            child = self._child(self.name or fn.__qualname__, self._kernels_mode)
+            child = self._child(self.name or fn.__qualname__, self._kernels_mode, self._ranges_mode)
             with child:
                 out = fn(*args, **kwargs)
             with self._calls_lock:
@@ -182,12 +192,12 @@ class PowerMeter:
 
         return wrapper  # type: ignore[return-value]
 
-    def _child(self, name: str | None, kernels: bool | str = False) -> PowerMeter:
+    def _child(self, name: str | None, kernels: bool | str = False, ranges: bool = False) -> PowerMeter:
         """A window over this meter's GPUs with its settings, resolved once here rather than in every child (a
         resolve enumerates the GPUs through NVML)."""
         self._bind()
         child = PowerMeter(self.devices, name=name, sync_cuda=self.sync_cuda, wait_timeout_s=self.wait_timeout_s,
-                           strict=self.strict, kernels=kernels)
+                           strict=self.strict, kernels=kernels, ranges=ranges)
         child._gpus, child._slots, child._session = self._gpus, self._slots, self._session
         return child
 
@@ -229,7 +239,7 @@ class PowerMeter:
         are synchronised at both of its edges, so a phase holds the GPU work launched inside it (what ran on the GPU
         between its edges, not the time the host took to queue it). The price is a synchronisation at each edge,
         which drains the launch queue; phases may nest and repeat, and may be entered from several threads.
-        Kernel attribution per phase is not done: with ``kernels=True`` the window's ``m.kernels`` covers them all.
+        With ``ranges=True`` a phase is also a user range: ``m.ranges`` splits its energy over its kernels.
         """
         if not self.running:
             raise MeasurementError("phase() needs a running meter: use it inside `with PowerMeter() as m:` or between "
@@ -238,7 +248,12 @@ class PowerMeter:
         with self._calls_lock:
             self._phases.append(window)
         try:
-            yield window
+            if self._kernel_tracer is not None and self._kernel_tracer.ranges:
+                assert self._session is not None
+                with self._session.kernel_tracing().ranges.entered(name):
+                    yield window
+            else:
+                yield window
         finally:
             window.stop()
 
@@ -328,6 +343,27 @@ class PowerMeter:
             self._attributions[key] = kernel_session.attribute_gpu(
                 self._kernel_capture, g, m.start_ns, m.stop_ns, self._session.driver_version(), method, group_by)
         return self._attributions[key]
+
+    @property
+    def ranges(self) -> Any:
+        """Energy per user range of the first measured GPU, as a pandas DataFrame (``ranges.range_table``): one row
+        per range path ("outer / inner", inclusive of nested ranges), then ``[no range]``, ``[idle]`` and
+        ``[unattributed]``; the depth-0 rows and those add up to the window's energy. Needs
+        ``PowerMeter(kernels=True, ranges=True)``."""
+        return self.range_attribution()
+
+    def range_attribution(self, cuda_index: int | None = None, method: str | None = None) -> Any:
+        """``m.ranges`` for one GPU and estimator (see ``kernel_attribution``)."""
+        from .ranges import range_table
+
+        if not self._ranges_mode:
+            raise MeasurementError("this meter recorded no ranges: open it with PowerMeter(kernels=True, ranges=True)")
+        capture = self._kernel_capture
+        if capture is not None and capture.timeline is not None and capture.ranges is None:
+            raise MeasurementError(f"no user ranges: {capture.ranges_unavailable}")
+        att = self.kernel_attribution(cuda_index, method)  # raises when nothing was traced
+        assert capture is not None and capture.ranges is not None
+        return range_table(att, capture.ranges, overflow=capture.ranges_overflow)
 
     def save_trace(self, path: str | Path, *, method: str | None = None) -> Path:
         """Write the window's kernels and power readings as a Chrome/Perfetto JSON trace (``trace_export``); with

@@ -22,6 +22,7 @@ enum : int {
   CUPTI_ERROR_OUT_OF_MEMORY = 8,
   CUPTI_ERROR_MAX_LIMIT_REACHED = 12,  // cuptiActivityGetNextRecord: no more records in the buffer
   CUPTI_ERROR_NOT_INITIALIZED = 15,
+  CUPTI_ERROR_QUEUE_EMPTY = 18,  // cuptiActivityPopExternalCorrelationId on an empty stack
   CUPTI_ERROR_INVALID_KIND = 21,
   CUPTI_ERROR_NOT_SUPPORTED = 27,
   CUPTI_ERROR_INSUFFICIENT_PRIVILEGES = 35,
@@ -34,8 +35,14 @@ enum : uint32_t {
   CUPTI_ACTIVITY_KIND_MEMCPY = 1,
   CUPTI_ACTIVITY_KIND_MEMSET = 2,
   CUPTI_ACTIVITY_KIND_KERNEL = 3,  // serializes kernels: never enabled, parsed like CONCURRENT_KERNEL if seen
+  CUPTI_ACTIVITY_KIND_DRIVER = 4,
+  CUPTI_ACTIVITY_KIND_RUNTIME = 5,
   CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL = 10,
+  CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION = 39,
 };
+
+// CUpti_ExternalCorrelationKind: Kineto (torch.profiler) uses CUSTOM0 and CUSTOM1; wattscope's ranges use CUSTOM2.
+enum : uint32_t { CUPTI_EXTERNAL_CORRELATION_KIND_CUSTOM2 = 5 };
 
 // CUpti_ActivityFlag for cuptiActivityFlushAll.
 enum : uint32_t { CUPTI_ACTIVITY_FLAG_FLUSH_FORCED = 1u << 0 };
@@ -55,5 +62,7 @@ typedef CUptiResult (*cuptiActivityFlushAll_fn)(uint32_t flag);
 typedef CUptiResult (*cuptiActivityGetNextRecord_fn)(uint8_t* buffer, size_t validBufferSizeBytes,
                                                      CUpti_Activity** record);
 typedef CUptiResult (*cuptiActivityGetNumDroppedRecords_fn)(CUcontext context, uint32_t streamId, size_t* dropped);
+typedef CUptiResult (*cuptiActivityPushExternalCorrelationId_fn)(uint32_t kind, uint64_t id);
+typedef CUptiResult (*cuptiActivityPopExternalCorrelationId_fn)(uint32_t kind, uint64_t* lastId);
 
 }  // extern "C"

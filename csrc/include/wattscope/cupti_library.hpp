@@ -48,6 +48,8 @@ struct CuptiSymbols {
   // Optional.
   cuptiGetVersion_fn get_version = nullptr;
   cuptiActivityGetNumDroppedRecords_fn dropped_records = nullptr;
+  cuptiActivityPushExternalCorrelationId_fn push_external_id = nullptr;  // both or neither: ranges need them
+  cuptiActivityPopExternalCorrelationId_fn pop_external_id = nullptr;
 };
 
 class CuptiLibrary {
@@ -71,6 +73,14 @@ class CuptiLibrary {
   bool reused() const { return reused_; }
   // cuptiGetVersion: 18–28 for CUDA 12.x, xxyyzz for 13.x (130001 = 13.0 update 1); 0 when the symbol is absent.
   uint32_t version() const { return version_; }
+
+  // User ranges (kernel_tracer.hpp, TracerConfig::ranges): push `id` on the calling thread's CUSTOM2 stack of
+  // external correlation ids, or pop the top one. Every CUDA API call the thread makes meanwhile is correlated with
+  // it. Return CUPTI's code (no throw: these sit on the user's hot path); kCuptiSymbolMissing when this libcupti
+  // lacks them.
+  CUptiResult push_range(uint64_t id) const;
+  CUptiResult pop_range() const;
+  bool has_ranges() const { return sym_.push_external_id != nullptr && sym_.pop_external_id != nullptr; }
 
   // The one choke point for CUPTI return codes: throws CuptiError unless rc is CUPTI_SUCCESS.
   void check(const char* call, CUptiResult rc) const;

@@ -72,6 +72,11 @@ struct TracerConfig {
   std::size_t capacity = 1u << 22;      // records kept per recording; further ones are counted in records_overflow
   bool memcpy = true;
   bool memset = true;
+  // User ranges: also enable DRIVER, RUNTIME and EXTERNAL_CORRELATION, so that every API call made while a range id
+  // is pushed (CuptiLibrary::push_range) yields a (correlation id, range id) pair. A kernel's correlation id is its
+  // launching call's, which ties it to the innermost range open on the launching thread. The API records themselves
+  // are skipped; they cost a record per CUDA call.
+  bool ranges = false;
 };
 
 // One recording's records, mapped to CLOCK_MONOTONIC. name_index indexes names (kernels) or is -1 (memcpy,
@@ -85,9 +90,12 @@ struct TracerSnapshot {
   std::vector<uint32_t> stream_id;
   std::vector<uint32_t> correlation_id;
   std::vector<std::string> names;
+  // (correlation id, range id) pairs from EXTERNAL_CORRELATION records (TracerConfig::ranges), in arrival order.
+  std::vector<uint32_t> range_correlation_id;
+  std::vector<uint64_t> range_id;
   uint64_t buffers_refused = 0;     // request callbacks answered with no buffer (pool empty)
   uint64_t records_dropped = 0;     // records CUPTI reports dropped (cuptiActivityGetNumDroppedRecords)
-  uint64_t records_overflow = 0;    // records parsed while `capacity` was full
+  uint64_t records_overflow = 0;    // records (and range pairs) parsed while `capacity` was full
   uint64_t records_incomplete = 0;  // records with start = end = 0 (CUPTI could not time them)
   std::size_t clock_segments = 0;
 };
