@@ -42,6 +42,9 @@ def test_analyze_prints_verdict_fit_table_and_scores(db, capsys):
         assert form in out
     assert "best 3:" in out and "worst 3:" in out
     assert "bf16" in out and "channels_last" in out and "gmacs" in out
+    # A setting that costs energy reads as a factor: the synthetic batch 1 costs 4x its batch-64 energy per image.
+    batch_1 = next(line for line in out.splitlines() if line.strip().startswith("batch_1"))
+    assert "costs 4.0" in batch_1 and "%" not in batch_1
 
 
 def test_analyze_states_the_band_edges_the_score_uses(db, capsys, monkeypatch):

@@ -228,9 +228,14 @@ def _render(r: dict[str, Any]) -> str:
         out += ["", "Energy saved by each method (geometric mean over models, 95 % interval):"]
         for m in r["methods"]:
             cross = m.get("n_cross_board") or 0
+            if m["saving_frac"] >= 0:
+                effect = (f"{100 * m['saving_frac']:6.1f} %  [{100 * m['ci95_low']:.1f}, "
+                          f"{100 * m['ci95_high']:.1f}]")
+            else:  # a setting that costs energy (batch 1) reads better as a factor than as "-1882 % saved"
+                effect = (f"costs {1 - m['saving_frac']:.2f}x  [{1 - m['ci95_high']:.2f}, "
+                          f"{1 - m['ci95_low']:.2f}]")
             out.append(
-                f"  {m['method']:<14}{100 * m['saving_frac']:6.1f} %  [{100 * m['ci95_low']:.1f}, "
-                f"{100 * m['ci95_high']:.1f}]  over {m['n_models']} models"
+                f"  {m['method']:<14}{effect}  over {m['n_models']} models"
                 + (f" ({cross} of them only from pairs across boards)" if cross else "")
             )
     fac = r["factors"]

@@ -272,9 +272,14 @@ def _methods(plt: Any, savings: pd.DataFrame, df: pd.DataFrame, path: Path) -> P
         )
         ax.set_ylim(-0.7, len(rows) - 0.3)
         cross = int(agg["n_cross_board"])
+        if agg["saving_frac"] >= 0:
+            effect = (f"saves {100 * agg['saving_frac']:.0f} % [95 % CI {100 * agg['ci95_low']:.0f}, "
+                      f"{100 * agg['ci95_high']:.0f}]")
+        else:  # as the text report says it: a factor, not "-1882 % saved"
+            effect = (f"costs {1 - agg['saving_frac']:.1f}x the energy [95 % CI {1 - agg['ci95_high']:.1f}, "
+                      f"{1 - agg['ci95_low']:.1f}]")
         ax.set_title(
-            f"{_method_title(method)}, from {'; '.join(contexts)}\nsaves {100 * agg['saving_frac']:.0f} % "
-            f"[95 % CI {100 * agg['ci95_low']:.0f}, {100 * agg['ci95_high']:.0f}] over {int(agg['n_models'])} "
+            f"{_method_title(method)}, from {'; '.join(contexts)}\n{effect} over {int(agg['n_models'])} "
             "models" + (f", {cross} of them only from pairs across boards" if cross else ""),
             fontsize=9.5,
             loc="left",
