@@ -296,14 +296,15 @@ def run_shards(gpus: tuple[int, ...], sweep_args: list[str], out_dir: Path) -> b
     cmds = [[sys.executable, "-m", "wattscope.cli", "sweep", *sweep_args, "--shard", f"{i}/2", "--gpus", "0",
              "--db", str(db), "--quiet"] for i, db in enumerate(dbs)]
     t0 = time.monotonic()
-    procs = [subprocess.Popen(c, env=os.environ | {"CUDA_VISIBLE_DEVICES": str(g)}) for c, g in zip(cmds, pair)]
+    procs = [subprocess.Popen(c, env=os.environ | {"CUDA_VISIBLE_DEVICES": str(g)})
+             for c, g in zip(cmds, pair, strict=True)]
     walls: list[float | None] = [None, None]
     while None in walls:  # each shard's own wall, whichever ends first
         for i, proc in enumerate(procs):
             if walls[i] is None and proc.poll() is not None:
                 walls[i] = time.monotonic() - t0
         time.sleep(0.2)
-    for proc, cmd in zip(procs, cmds):
+    for proc, cmd in zip(procs, cmds, strict=True):
         if proc.returncode != 0:
             raise SystemExit(f"shard failed (exit status {proc.returncode}): {shlex.join(cmd)}")
     merge = [sys.executable, "-m", "wattscope.cli", "merge", str(merged), *map(str, dbs)]
@@ -318,7 +319,7 @@ def run_shards(gpus: tuple[int, ...], sweep_args: list[str], out_dir: Path) -> b
           f"`wattscope merge`\n")
     print("| shard | GPU | configurations | wall |")
     print("|---:|---|---:|---:|")
-    for i, (g, rows, wall_s) in enumerate(zip(pair, shard_rows, walls)):
+    for i, (g, rows, wall_s) in enumerate(zip(pair, shard_rows, walls, strict=True)):
         print(f"| {i}/2 | cuda:{g} | {len(rows)} | {wall_s:.0f} s |")
     print(f"\nmerged: {len(merged_rows)} configurations ({merged_failed} failures), {len(overlap)} in both shards, "
           f"{len(expected - set(merged_rows))} missing from the merge: {'PASS' if ok else 'FAIL'}; "
