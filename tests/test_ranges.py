@@ -190,3 +190,110 @@ def test_bad_use_gets_a_clear_error(fake, cupti) -> None:
         time.sleep(0.02)
     with pytest.raises(MeasurementError, match="outermost"):
         _ = inner.ranges
+
+
+def test_pairs_of_calls_that_launch_nothing_fill_their_own_capacity_with_a_note(fake, cupti) -> None:
+    # CUPTI pairs every API call inside a range, not only launches (cudaGetLastError follows each of torch's): past
+    # the pair capacity the later kernels are [no range], with a note, and no record counts as dropped.
+    _session.current().kernel_tracing().configure(range_pair_capacity=100)
+    fake.set_trace(0, [0.0], [100.0])
+    with PowerMeter(0, kernels=True, ranges=True) as m:
+        ranges = _session.current().kernel_tracing().ranges
+        t0 = time.monotonic_ns()
+        with ranges.entered("step"):
+            for k in range(40):
+                _inject(cupti, b"k", t0 + k * MS, t0 + k * MS + MS // 2)
+                for _ in range(2):  # two more pairs per launch
+                    assert cupti.fake_cupti_api_call(next(_correlation)) == 1
+        time.sleep(0.05)
+    table = m.range_attribution(method="overlap")
+    rows = table.set_index("range")
+    assert rows.loc["step", "kernels"] == 34  # pairs 1, 4, ..., 100 are launches: 34 of them fit
+    assert rows.loc[NO_RANGE, "kernels"] == 6
+    assert any("capacity" in n and "20 lost" in n for n in table.attrs["notes"])
+    assert m.kernel_attribution(method="overlap").dropped == 0
+
+
+def test_another_threads_open_range_leaves_cupti_when_tracing_stops_and_returns_when_it_starts(fake, cupti) -> None:
+    fake.set_trace(0, [0.0], [100.0])
+    ranges = _session.current().kernel_tracing().ranges
+    go, done = threading.Event(), threading.Event()
+    depths: list[int] = []
+
+    def worker() -> None:
+        with ranges.entered("epoch"):  # open across both meters
+            go.wait()
+            with ranges.entered("batch"):  # its first push after the first meter started
+                depths.append(cupti.fake_cupti_external_depth(CUSTOM2))
+                now = time.monotonic_ns()
+                _inject(cupti, b"w", now, now + 10 * MS)
+            done.set()
+            go2.wait()
+            with ranges.entered("batch"):  # after the meter stopped: ours taken off CUPTI's stack first
+                depths.append(cupti.fake_cupti_external_depth(CUSTOM2))
+
+    go2 = threading.Event()
+    th = threading.Thread(target=worker)
+    th.start()
+    with PowerMeter(0, kernels=True, ranges=True) as m:
+        go.set()
+        done.wait(5)
+        time.sleep(0.05)
+    go2.set()
+    th.join(5)
+    assert depths == [2, 0]  # epoch and batch pushed while tracing; nothing of ours after it stopped
+    table = _ranges(m)
+    assert table.loc["epoch / batch", "kernels"] == 1 and table.loc["epoch", "depth"] == 0
+
+
+def test_ids_never_repeat_across_sessions(fake, cupti) -> None:
+    fake.set_trace(0, [0.0], [100.0])
+    with PowerMeter(0, kernels=True, ranges=True):
+        first = _session.current().kernel_tracing().ranges
+        with first.entered("old"):
+            pass
+    _session.reset()
+    fake.set_trace(0, [0.0], [100.0])
+    with PowerMeter(0, kernels=True, ranges=True) as m:
+        second = _session.current().kernel_tracing().ranges
+        assert second is not first
+        with second.entered("new"):
+            t0 = time.monotonic_ns()
+            _inject(cupti, b"k", t0, t0 + 10 * MS)
+        time.sleep(0.05)
+    ids = [rid for rid in m.kernel_attribution(method="overlap").timeline.range_id.tolist() if rid >= 0]
+    assert ids and min(ids) > 0  # the second session's range did not get the first one's id 0 again
+    assert _ranges(m).loc["new", "kernels"] == 1
+
+
+def test_a_name_with_the_separator_is_its_own_range(fake, cupti) -> None:
+    fake.set_trace(0, [0.0], [100.0])
+    with PowerMeter(0, kernels=True, ranges=True) as m:
+        ranges = _session.current().kernel_tracing().ranges
+        t0 = time.monotonic_ns()
+        with ranges.entered("enc / dec"):
+            _inject(cupti, b"k", t0, t0 + 10 * MS)
+        with ranges.entered(7):  # a phase named by a number: names are strings
+            _inject(cupti, b"k", t0 + 10 * MS, t0 + 20 * MS)
+        time.sleep(0.05)
+    table = _ranges(m)
+    assert table.loc["enc / dec", "depth"] == 0 and table.loc["7", "kernels"] == 1
+
+
+def test_the_nvtx_wrapper_returns_torchs_value_and_survives_our_failure(fake, cupti, monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda msg: 41)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: 42)
+    fake.set_trace(0, [0.0], [100.0])
+    with PowerMeter(0, kernels=True, ranges=True):
+        assert torch.cuda.nvtx.range_push("a") == 41 and torch.cuda.nvtx.range_pop() == 42
+        ranges = _session.current().kernel_tracing().ranges
+        monkeypatch.setattr(ranges, "push", lambda name: 1 / 0)
+        with pytest.warns(RuntimeWarning, match="could not record a range"):
+            assert torch.cuda.nvtx.range_push("b") == 41
+        torch.cuda.nvtx.range_pop()
+
+
+def test_ranges_are_not_a_tracer_option(fake, cupti) -> None:
+    with pytest.raises(ValueError, match="per meter"):
+        _session.current().kernel_tracing().configure(ranges=True)

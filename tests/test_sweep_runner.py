@@ -404,6 +404,23 @@ def test_failure_classification_and_confidence_interval():
     assert ci95_half_width([1.0]) == float("inf")
 
 
+def test_a_first_call_longer_than_the_cap_still_leaves_a_full_warm_up():
+    # torch.compile compiles in the first call, often for longer than the 10 s cap: the cap counts from after it,
+    # or every compiled configuration would get one timing block and never be found steady.
+    from wattscope.sweep.measure import MeasureSettings, warm_up
+
+    calls = []
+
+    def step() -> None:
+        calls.append(None)
+        time.sleep(0.3 if len(calls) == 1 else 0.002)
+
+    settings = MeasureSettings(device="cpu", meter_device=0, idle_power_w=0.0, window_s=0.1, offsets_s=(0.0,),
+                               warmup_cap_s=0.2, warmup_block_s=0.01)
+    warm = warm_up(step, lambda: None, settings)
+    assert warm.converged and warm.blocks >= 5
+
+
 def test_warm_up_settles_on_stable_or_merely_noisy_timings_but_not_on_a_trend():
     from wattscope.sweep.measure import _steady
 

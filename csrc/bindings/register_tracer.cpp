@@ -27,6 +27,7 @@ TracerConfig tracer_config_from_kwargs(const py::kwargs& kw) {
     else if (key == "memcpy") c.memcpy = v.cast<bool>();
     else if (key == "memset") c.memset = v.cast<bool>();
     else if (key == "ranges") c.ranges = v.cast<bool>();
+    else if (key == "range_pair_capacity") c.range_pair_capacity = v.cast<std::size_t>();
     else throw py::type_error("unknown kernel tracer option: " + key);
   }
   return c;
@@ -54,6 +55,7 @@ py::dict snapshot_to_dict(TracerSnapshot&& s) {
   out["names"] = s.names;
   out["range_correlation_id"] = to_numpy(std::move(s.range_correlation_id));
   out["range_id"] = to_numpy(std::move(s.range_id));
+  out["range_pairs_lost"] = s.range_pairs_lost;
   out["buffers_refused"] = s.buffers_refused;
   out["records_dropped"] = s.records_dropped;
   out["records_overflow"] = s.records_overflow;

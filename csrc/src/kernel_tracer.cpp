@@ -149,6 +149,7 @@ struct TracerCore {
         words_per_buffer((config.buffer_bytes + 7) / 8),
         buffer_bytes(words_per_buffer * 8),
         capacity(config.capacity),
+        range_pair_capacity(config.range_pair_capacity),
         storage(words_per_buffer * config.buffer_count) {
     free_list.reserve(config.buffer_count);
     for (std::size_t i = config.buffer_count; i-- > 0;) {
@@ -216,8 +217,8 @@ struct TracerCore {
       r.kind = read_at<uint32_t>(p, kKindAt);
       if (r.kind == CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION) {
         if (read_at<uint32_t>(p, kExternalKindAt) != CUPTI_EXTERNAL_CORRELATION_KIND_CUSTOM2) continue;  // Kineto's
-        if (range_pairs.size() >= capacity) {
-          overflow += 1;
+        if (range_pairs.size() >= range_pair_capacity) {
+          range_pairs_lost += 1;
         } else {
           range_pairs.emplace_back(read_at<uint32_t>(p, kExternalCorrelationAt), read_at<uint64_t>(p, kExternalIdAt));
         }
@@ -273,6 +274,7 @@ struct TracerCore {
   const std::size_t words_per_buffer;
   const std::size_t buffer_bytes;
   const std::size_t capacity;
+  const std::size_t range_pair_capacity;
   std::vector<uint64_t> storage;  // uint64_t: every buffer starts 8-byte aligned, as CUPTI requires
 
   std::mutex pool_mu;  // after registry().mu when both are held
@@ -285,6 +287,7 @@ struct TracerCore {
   mutable std::mutex records_mu;
   std::vector<RawRecord> records;
   std::vector<std::pair<uint32_t, uint64_t>> range_pairs;  // (correlation id, range id)
+  uint64_t range_pairs_lost = 0;
   std::unordered_map<const char*, int32_t> name_ids;
   std::vector<std::string> names;
   uint64_t dropped = 0;
@@ -587,6 +590,7 @@ TracerSnapshot KernelTracer::snapshot() const {
     out.range_correlation_id.push_back(correlation);
     out.range_id.push_back(id);
   }
+  out.range_pairs_lost = core->range_pairs_lost;
   out.records_dropped = core->dropped;
   out.records_overflow = core->overflow;
   out.records_incomplete = core->incomplete;

@@ -187,6 +187,30 @@ uint8_t* reserve(State& s, uint32_t bytes) {
   return r;
 }
 
+// The API call behind a record, as real CUPTI writes it when DRIVER or RUNTIME is on (s.mu held): its record,
+// preceded by one EXTERNAL_CORRELATION record per kind whose stack is not empty on this (the calling) thread.
+// False when a buffer was refused.
+bool write_api_call(State& s, uint32_t correlation_id) {
+  if (!s.enabled[CUPTI_ACTIVITY_KIND_RUNTIME] && !s.enabled[CUPTI_ACTIVITY_KIND_DRIVER]) return true;
+  if (s.enabled[CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION]) {
+    for (uint32_t ext = 0; ext < kExternalKinds; ++ext) {
+      if (t_external_ids[ext].empty()) continue;
+      uint8_t* e = reserve(s, FAKE_CUPTI_EXTERNAL_CORRELATION_RECORD_BYTES);
+      if (e == nullptr) return false;
+      write_at<uint32_t>(e, 0, CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION);
+      write_at<uint32_t>(e, 4, ext);
+      write_at<uint64_t>(e, 8, t_external_ids[ext].back());
+      write_at<uint32_t>(e, 16, correlation_id);
+    }
+  }
+  uint8_t* a = reserve(s, FAKE_CUPTI_API_RECORD_BYTES);
+  if (a == nullptr) return false;
+  write_at<uint32_t>(a, 0, s.enabled[CUPTI_ACTIVITY_KIND_RUNTIME] ? CUPTI_ACTIVITY_KIND_RUNTIME
+                                                                   : CUPTI_ACTIVITY_KIND_DRIVER);
+  write_at<uint32_t>(a, 32, correlation_id);
+  return true;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -311,6 +335,7 @@ FAKE_CUPTI_EXPORT void fake_cupti_reset(void) {
   State& s = state();
   std::lock_guard<std::mutex> lk(s.mu);
   s.reset();
+  for (auto& ids : t_external_ids) ids.clear();  // the calling thread's: other threads' are theirs to pop
 }
 
 FAKE_CUPTI_EXPORT void fake_cupti_set_clock(double ticks_per_ns, long long offset_ticks) {
@@ -341,26 +366,7 @@ FAKE_CUPTI_EXPORT int fake_cupti_inject(unsigned int kind, unsigned int device_i
   State& s = state();
   std::lock_guard<std::mutex> lk(s.mu);
   if (kind >= kKindSlots || !s.enabled[kind] || s.request == nullptr) return 0;
-  // The launching API call, as real CUPTI writes it when DRIVER or RUNTIME is on: its record, preceded by one
-  // EXTERNAL_CORRELATION record per kind whose stack is not empty on this (the launching) thread.
-  if (s.enabled[CUPTI_ACTIVITY_KIND_RUNTIME] || s.enabled[CUPTI_ACTIVITY_KIND_DRIVER]) {
-    if (s.enabled[CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION]) {
-      for (uint32_t ext = 0; ext < kExternalKinds; ++ext) {
-        if (t_external_ids[ext].empty()) continue;
-        uint8_t* e = reserve(s, FAKE_CUPTI_EXTERNAL_CORRELATION_RECORD_BYTES);
-        if (e == nullptr) return 0;
-        write_at<uint32_t>(e, 0, CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION);
-        write_at<uint32_t>(e, 4, ext);
-        write_at<uint64_t>(e, 8, t_external_ids[ext].back());
-        write_at<uint32_t>(e, 16, correlation_id);
-      }
-    }
-    uint8_t* a = reserve(s, FAKE_CUPTI_API_RECORD_BYTES);
-    if (a == nullptr) return 0;
-    write_at<uint32_t>(a, 0, s.enabled[CUPTI_ACTIVITY_KIND_RUNTIME] ? CUPTI_ACTIVITY_KIND_RUNTIME
-                                                                     : CUPTI_ACTIVITY_KIND_DRIVER);
-    write_at<uint32_t>(a, 32, correlation_id);
-  }
+  if (!write_api_call(s, correlation_id)) return 0;
   uint8_t* r = reserve(s, bytes);
   if (r == nullptr) return 0;
   const bool untimed = start_mono_ns == 0 && end_mono_ns == 0;
@@ -407,6 +413,13 @@ FAKE_CUPTI_EXPORT CUptiResult cuptiActivityPopExternalCorrelationId(uint32_t kin
   if (last_id != nullptr) *last_id = t_external_ids[kind].back();
   t_external_ids[kind].pop_back();
   return CUPTI_SUCCESS;
+}
+
+FAKE_CUPTI_EXPORT int fake_cupti_api_call(unsigned int correlation_id) {
+  State& s = state();
+  std::lock_guard<std::mutex> lk(s.mu);
+  if (s.request == nullptr) return 0;
+  return write_api_call(s, correlation_id) ? 1 : 0;
 }
 
 FAKE_CUPTI_EXPORT unsigned int fake_cupti_external_depth(unsigned int kind) {

@@ -28,8 +28,9 @@ extern "C" {
 #define FAKE_CUPTI_API_RECORD_BYTES 40u                   // CUpti_ActivityAPI
 #define FAKE_CUPTI_EXTERNAL_CORRELATION_RECORD_BYTES 24u  // CUpti_ActivityExternalCorrelation
 
-// Forgets held buffers (without completing them), the callbacks, enabled kinds, failure rules, call counts and
-// dropped counts; restores the default clock and version 130001.
+// Forgets held buffers (without completing them), the callbacks, enabled kinds, failure rules, call counts,
+// dropped counts and the calling thread's external-correlation stacks; restores the default clock and version
+// 130001.
 FAKE_CUPTI_API void fake_cupti_reset(void);
 
 // ticks_per_ns > 0. Switching mid-run models torch.profiler installing its TSC timestamp callback.
@@ -59,6 +60,9 @@ FAKE_CUPTI_API int fake_cupti_enabled(unsigned int kind);
 FAKE_CUPTI_API unsigned int fake_cupti_buffers_held(void);
 // Records dropped since reset (no buffer handed out), whether or not the product has asked for them yet.
 FAKE_CUPTI_API unsigned long long fake_cupti_dropped_total(void);
+// An API call that launches nothing (cudaGetLastError, an allocation): with RUNTIME or DRIVER enabled its record,
+// and its external correlation records as for fake_cupti_inject. Returns 1 when written (or nothing to write).
+FAKE_CUPTI_API int fake_cupti_api_call(unsigned int correlation_id);
 // Ids on the calling thread's external-correlation stack of `kind` (5: CUSTOM2).
 FAKE_CUPTI_API unsigned int fake_cupti_external_depth(unsigned int kind);
 // What cuptiGetVersion returns.

@@ -544,6 +544,26 @@ void test_range_pairs_follow_the_innermost_pushed_id() {
   CHECK(t.failures().empty());
 }
 
+// Pairs have their own capacity and count: a pair past it is lost, and no record is counted as overflowing.
+void test_range_pairs_past_their_capacity_are_counted_apart() {
+  auto lib = open_fake();
+  TracerConfig config;
+  config.ranges = true;
+  config.range_pair_capacity = 2;
+  KernelTracer t(lib, config);
+  t.start();
+  CHECK_EQ(lib->push_range(9), CUPTI_SUCCESS);
+  for (uint32_t c = 1; c <= 3; ++c) inject_kernel_now("k", 7, c);
+  CHECK_EQ(lib->pop_range(), CUPTI_SUCCESS);
+  CHECK(t.flush());
+  const TracerSnapshot snap = t.snapshot();
+  CHECK_EQ(snap.start_ns.size(), 3u);
+  CHECK_EQ(snap.range_id.size(), 2u);
+  CHECK_EQ(snap.range_pairs_lost, 1u);
+  CHECK_EQ(snap.records_overflow, 0u);
+  t.stop();
+}
+
 // Without the ranges option nothing but the activity kinds is enabled, and a pushed id yields no pairs.
 void test_no_range_pairs_without_the_option() {
   auto lib = open_fake();
@@ -561,6 +581,7 @@ void test_no_range_pairs_without_the_option() {
 const TestCase kTests[] = {
     {"range_pairs_follow_the_innermost_pushed_id", test_range_pairs_follow_the_innermost_pushed_id},
     {"no_range_pairs_without_the_option", test_no_range_pairs_without_the_option},
+    {"range_pairs_past_their_capacity_are_counted_apart", test_range_pairs_past_their_capacity_are_counted_apart},
     {"kernel_names_are_demangled", test_kernel_names_are_demangled},
     {"start_reclaims_a_buffer_another_client_left_in_cupti", test_start_reclaims_a_buffer_another_client_left_in_cupti},
     {"open_reports_version_and_path", test_open_reports_version_and_path},

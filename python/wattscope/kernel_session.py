@@ -23,7 +23,7 @@ import numpy as np
 from . import profiler_guard
 from .errors import WattscopeError
 from .kernels import UNTRACED, KernelTimeline
-from .ranges import RangeInfo, RangeRecorder, hook_torch_nvtx, range_ids
+from .ranges import RangeRecorder, hook_torch_nvtx, range_ids
 
 CUPTI_PATH_ENV = "WATTSCOPE_CUPTI_PATH"
 # Set by Nsight Systems, Nsight Compute and compute-sanitizer to load themselves into the process as CUPTI clients.
@@ -67,16 +67,18 @@ class KernelCapture:
     API, as ``(start_ns, stop_ns, holder)``: kernels ran there unseen, so attribution puts that time in its own
     ``[untraced]`` row instead of ``[idle]``.
 
-    ``ranges``: the user ranges the records' ``range_id`` refer to (ranges.py), or None when the window was not
-    traced with ranges (``ranges_unavailable`` then says why); ``ranges_overflow`` counts entries not recorded."""
+    ``ranges``: (name, parent id) of the user ranges the records' ``range_id`` refer to (ranges.py), or None when
+    the window was not traced with ranges (``ranges_unavailable`` then says why); ``ranges_overflow`` counts entries
+    not recorded, ``range_pairs_lost`` the tracer's (launch, range) pairs past its capacity."""
 
     timeline: KernelTimeline | None
     unavailable: str | None = None
     failures: tuple[str, ...] = ()
     untraced: tuple[tuple[int, int, str], ...] = ()
-    ranges: dict[int, RangeInfo] | None = None
+    ranges: dict[int, tuple[str, int]] | None = None
     ranges_unavailable: str | None = None
     ranges_overflow: int = 0
+    range_pairs_lost: int = 0
 
 
 class KernelTracing:
@@ -101,9 +103,13 @@ class KernelTracing:
         self._pid = os.getpid()  # a forked child's profiler must not drive the parent's tracers
         self.ranges = RangeRecorder()
         self._ranges_on = False  # this run's tracers record user ranges
+        self._ranges_why = ""  # why a run asked for ranges has none
 
     def configure(self, **options: Any) -> None:
-        """KernelTracer options (``buffer_bytes``, ``buffer_count``, ``capacity``, ...) for the next start."""
+        """KernelTracer options (``buffer_bytes``, ``buffer_count``, ``capacity``, ``range_pair_capacity``, ...) for
+        the next start."""
+        if "ranges" in options:
+            raise ValueError("ranges are asked for per meter: PowerMeter(kernels=True, ranges=True)")
         with self._lock:
             self._options = dict(options)
 
@@ -114,6 +120,9 @@ class KernelTracing:
         with self._lock:
             if self._users == 0:
                 self._ranges_on = ranges
+                self._ranges_why = ("this window was traced without ranges: the first kernel meter of the tracing "
+                                    "run decides, so open the outermost one with PowerMeter(kernels=True, "
+                                    "ranges=True)")
                 self._segments, self._untraced = [], []
                 # Asked afresh at every first use: a holder remembered from an earlier run may have gone without
                 # telling us (a profiler that began before the wrappers were installed).
@@ -147,14 +156,16 @@ class KernelTracing:
                              for t in self._segments for f in t.failures())
             untraced = tuple((max(int(a), start_ns), min(stop_ns if b is None else int(b), stop_ns), holder)
                              for a, b, holder in self._untraced if a < stop_ns and (b is None or b > start_ns))
-            ranges, overflow = self.ranges.recorded() if lease.ranges else (None, 0)
-        parts = [timeline_from_snapshot(snap, start_ns, stop_ns, with_ranges=lease.ranges) for snap in snaps]
+            ranges_on, ranges_why = lease.ranges and self._ranges_on, self._ranges_why
+        parts = [timeline_from_snapshot(snap, start_ns, stop_ns, with_ranges=ranges_on) for snap in snaps]
+        timeline = KernelTimeline.concat(parts)
+        ranges, overflow, lost = None, 0, 0
+        if ranges_on:
+            ranges, overflow = self.ranges.lookup(np.unique(timeline.range_id) if len(timeline) else [])
+            lost = sum(int(snap["range_pairs_lost"]) for snap in snaps)
         return KernelCapture(
-            KernelTimeline.concat(parts), failures=failures, untraced=untraced, ranges=ranges,
-            ranges_unavailable=None if lease.ranges else (
-                "this window was traced without ranges: the first kernel meter of the tracing run decides, so open "
-                "the outermost one with PowerMeter(kernels=True, ranges=True)"),
-            ranges_overflow=overflow,
+            timeline, failures=failures, untraced=untraced, ranges=ranges,
+            ranges_unavailable=None if ranges_on else ranges_why, ranges_overflow=overflow, range_pairs_lost=lost,
         )
 
     def suspend(self, holder: str) -> None:
@@ -198,17 +209,22 @@ class KernelTracing:
             if self._cupti is None:
                 # An empty path lets the native loader honour WATTSCOPE_CUPTI_PATH, then search.
                 self._cupti = self._core.Cupti("")
+            if self._ranges_on and not self._cupti.has_ranges:
+                # Kernels without ranges rather than no kernels at all.
+                self._ranges_on = False
+                self._ranges_why = (f"this libcupti ({self._cupti.path}) has no external correlation API, which "
+                                    "ranges need (CUDA 8 or later)")
             tracer = self._core.KernelTracer(self._cupti, **self._options, ranges=self._ranges_on)
             tracer.start()
         except WattscopeError as e:
             raise _unavailable(e) from e
         self._active = tracer
         self._segments.append(tracer)
+        # CUPTI's buffers must come back while a long window runs, or the pool runs dry and records are dropped.
+        self._core.set_tracer_flush(self._sampler(), tracer, _FLUSH_PERIOD_S)
         if self._ranges_on:
             self.ranges.attach(self._cupti)
             hook_torch_nvtx(self.ranges)
-        # CUPTI's buffers must come back while a long window runs, or the pool runs dry and records are dropped.
-        self._core.set_tracer_flush(self._sampler(), tracer, _FLUSH_PERIOD_S)
 
     def _stop_active(self) -> None:
         self._core.set_tracer_flush(self._sampler(), None)

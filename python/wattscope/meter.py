@@ -347,9 +347,9 @@ class PowerMeter:
     @property
     def ranges(self) -> Any:
         """Energy per user range of the first measured GPU, as a pandas DataFrame (``ranges.range_table``): one row
-        per range path ("outer / inner", inclusive of nested ranges), then ``[no range]``, ``[idle]`` and
-        ``[unattributed]``; the depth-0 rows and those add up to the window's energy. Needs
-        ``PowerMeter(kernels=True, ranges=True)``."""
+        per range path ("outer / inner", inclusive of nested ranges), then ``[no range]``, ``[untraced]`` (when
+        torch.profiler held CUPTI), ``[idle]`` and ``[unattributed]``; the depth-0 rows and those add up to the
+        window's energy. Needs ``PowerMeter(kernels=True, ranges=True)``."""
         return self.range_attribution()
 
     def range_attribution(self, cuda_index: int | None = None, method: str | None = None) -> Any:
@@ -363,7 +363,7 @@ class PowerMeter:
             raise MeasurementError(f"no user ranges: {capture.ranges_unavailable}")
         att = self.kernel_attribution(cuda_index, method)  # raises when nothing was traced
         assert capture is not None and capture.ranges is not None
-        return range_table(att, capture.ranges, overflow=capture.ranges_overflow)
+        return range_table(att, capture.ranges, overflow=capture.ranges_overflow, pairs_lost=capture.range_pairs_lost)
 
     def save_trace(self, path: str | Path, *, method: str | None = None) -> Path:
         """Write the window's kernels and power readings as a Chrome/Perfetto JSON trace (``trace_export``); with

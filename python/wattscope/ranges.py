@@ -21,143 +21,188 @@ What is not seen:
 - ``range_start``/``range_end`` (ranges that may cross threads).
 - Kernels launched inside a range by another thread (a DataLoader worker, a CUDA graph replayed elsewhere). Those
   belong to whatever that thread has open.
+- CUPTI's id stacks are per thread, and only a thread can change its own. When tracing stops, or torch.profiler takes
+  CUPTI, a thread other than the one that did it keeps its open ranges' ids on its CUPTI stack until it next enters
+  or leaves a range. Meanwhile Kineto logs each of its CUDA calls as an unknown external correlation. Such a thread's
+  kernels in a later run show as ``[unknown range]`` until then, with a note.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import os
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-# Ranges a tracing run records; further ones are counted, not kept (a window of hours with ranges per batch would
-# otherwise keep growing).
-MAX_RANGES = 1 << 22
+# Ranges a tracing run records; further ones are counted, not kept. A range costs ~100 B here (a tuple, a dict slot,
+# an interned name), so this is ~100 MB at most.
+MAX_RANGES = 1 << 20
 NO_RANGE = "[no range]"
+UNKNOWN_RANGE = "[unknown range]"
 RANGE_COLUMNS = ("range", "depth", "calls", "kernels", "time_s", "energy_j", "uncertainty_j", "mean_power_w", "share")
+_OVERFLOWED = -2  # an entry past MAX_RANGES: never registered, never pushed
+
+# Process-wide, whichever recorder (session) is current: ids never repeat, so an id some thread left on its CUPTI
+# stack can never name a later range, and each thread's open ranges survive a new session.
+_ids = itertools.count()  # next() is atomic under the GIL
+_threads = threading.local()  # .stack: [[range id, the Cupti it is pushed on or None, name]], .seen: (recorder, gen)
 
 
-@dataclass(frozen=True)
-class RangeInfo:
-    """One entered range: its name and the id of the range it was entered in (-1: none)."""
-
-    name: str
-    parent: int
+def _thread_stack() -> list[list[Any]]:
+    stack = getattr(_threads, "stack", None)
+    if stack is None:
+        stack = _threads.stack = []
+        _threads.seen = None
+    return stack
 
 
 class RangeRecorder:
-    """Ids and names of the ranges entered while a tracer with ranges records, and each thread's open ranges.
+    """Names and parents of the ranges entered while a tracer with ranges records, and the keeping of every thread's
+    CUPTI stack in step with its open ranges.
 
     Process-wide (kernel_session.KernelTracing owns one). ``push``/``pop`` run on the user's hot path: one CUPTI call
-    each, no lock but the id counter's."""
+    each. CUPTI's id stacks are per thread and only the thread itself can change its own, so a start, stop or
+    torch.profiler hand-over (a new *generation*) is applied by each thread at its next push or pop; the thread that
+    starts or stops tracing applies it at once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._next_id = 0  # never reused: a stale id left on some thread's CUPTI stack can never name a new range
-        self._ranges: dict[int, RangeInfo] = {}
+        self._ranges: dict[int, tuple[str, int]] = {}  # id -> (name, parent id or -1)
+        self._names: dict[str, str] = {}  # one copy of each name: a range per batch repeats the same few
         self._overflow = 0
         self._cupti: Any = None  # set while a tracer with ranges records
-        self._local = threading.local()
+        self._generation = 0
 
     # -- the tracer's side ---------------------------------------------------------------------------------------
 
     def attach(self, cupti: Any) -> None:
-        """A tracer with ranges started recording: ranges entered from now on are pushed to CUPTI. Ranges already
-        open on the calling thread are recorded and pushed too (outermost first), so a meter opened inside a range
+        """A tracer with ranges started recording: ranges entered from now on are pushed to CUPTI, and every thread's
+        open ones too (this thread's now, the others' at their next push or pop), so a meter opened inside a range
         sees it."""
         self._cupti = cupti
-        parent = -1
-        for entry in self._stack():
-            if entry[0] < 0 or entry[0] not in self._ranges:  # entered while not recording, or in an earlier run
-                entry[0] = self._register(entry[2], parent)
-            if entry[1] is None and entry[0] >= 0:
-                entry[1] = cupti if cupti.push_range(entry[0]) == 0 else None
-            parent = entry[0]
+        self._generation += 1
+        self._sync()
 
     def detach(self) -> None:
-        """The tracer stopped (or handed CUPTI to torch.profiler): pop what the calling thread pushed, so that no id
-        of ours is on its CUPTI stack while another client reads the records. Other threads' open ranges stay pushed
-        until they close."""
+        """The tracer stopped or handed CUPTI to torch.profiler: every thread takes our ids off its CUPTI stack (this
+        one now, the others at their next push or pop: until then their API calls still carry the id, which Kineto
+        logs as an unknown external correlation)."""
         self._cupti = None
-        for entry in reversed(self._stack()):
-            if entry[1] is not None:
-                entry[1].pop_range()
-                entry[1] = None
+        self._generation += 1
+        self._sync()
 
     def reset(self) -> None:
         """A tracing run ended: forget the ranges (ids keep counting)."""
         with self._lock:
             self._ranges = {}
+            self._names = {}
             self._overflow = 0
 
-    def recorded(self) -> tuple[dict[int, RangeInfo], int]:
-        """Every range recorded in this run (a window's kernels name theirs by id; their parents may have begun
-        before the window) and how many were not recorded (past MAX_RANGES)."""
+    def lookup(self, ids: Any) -> tuple[dict[int, tuple[str, int]], int]:
+        """The (name, parent) of each of ``ids`` and of their ancestors, and how many entries were not recorded
+        (past MAX_RANGES). Ids this run does not know are left out."""
+        out: dict[int, tuple[str, int]] = {}
         with self._lock:
-            return dict(self._ranges), self._overflow
+            for rid in {int(i) for i in ids if i >= 0}:
+                while rid >= 0 and rid not in out and rid in self._ranges:
+                    out[rid] = self._ranges[rid]
+                    rid = self._ranges[rid][1]
+            return out, self._overflow
 
     # -- the user's side -----------------------------------------------------------------------------------------
 
-    def push(self, name: str) -> None:
-        stack = self._stack()
+    def push(self, name: object) -> None:
+        stack = self._sync()
         cupti = self._cupti
         if cupti is None:
-            stack.append([-1, None, name])  # not recording: keep the stack, and the name for a later attach
+            stack.append([-1, None, str(name)])  # not recording: keep the stack, and the name for a later attach
             return
-        range_id = self._register(name, stack[-1][0] if stack else -1)
+        range_id = self._register(str(name), stack[-1][0] if stack else -1)
         pushed = cupti if range_id >= 0 and cupti.push_range(range_id) == 0 else None
-        stack.append([range_id, pushed, name])
+        stack.append([range_id, pushed, str(name)])
 
     def pop(self) -> None:
-        stack = self._stack()
+        stack = self._sync()
         if not stack:
             return  # a pop with no push through us (pushed before the wrappers were installed)
         _, pushed, _ = stack.pop()
         if pushed is not None:
             pushed.pop_range()
 
-    def _register(self, name: str, parent: int) -> int:
-        with self._lock:
-            if len(self._ranges) >= MAX_RANGES:
-                self._overflow += 1
-                return -1
-            range_id = self._next_id
-            self._next_id += 1
-            self._ranges[range_id] = RangeInfo(name, parent)
-            return range_id
-
-    def _stack(self) -> list[list[Any]]:
-        stack = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
-        return stack
-
     @contextmanager
-    def entered(self, name: str) -> Iterator[None]:
+    def entered(self, name: object) -> Iterator[None]:
         self.push(name)
         try:
             yield
         finally:
             self.pop()
 
+    def _register(self, name: str, parent: int) -> int:
+        with self._lock:
+            if len(self._ranges) >= MAX_RANGES:
+                self._overflow += 1
+                return _OVERFLOWED
+            range_id = next(_ids)
+            self._ranges[range_id] = (self._names.setdefault(name, name), parent)
+            return range_id
+
+    def _sync(self) -> list[list[Any]]:
+        """This thread's stack, brought in line with the current generation first: everything of ours off its CUPTI
+        stack (innermost first), then, while recording, every open range registered in this run and pushed again
+        (outermost first)."""
+        stack = _thread_stack()
+        if _threads.seen == (self, self._generation):
+            return stack
+        for entry in reversed(stack):
+            if entry[1] is not None:
+                entry[1].pop_range()
+                entry[1] = None
+        cupti = self._cupti
+        if cupti is not None:
+            parent = -1
+            for entry in stack:
+                if entry[0] != _OVERFLOWED and entry[0] not in self._ranges:  # unseen, or from an earlier run
+                    entry[0] = self._register(entry[2], parent)
+                if entry[0] >= 0 and cupti.push_range(entry[0]) == 0:
+                    entry[1] = cupti
+                parent = entry[0] if entry[0] >= 0 else parent
+        _threads.seen = (self, self._generation)
+        return stack
+
 
 # -- torch.cuda.nvtx ------------------------------------------------------------------------------------------------
 
-
 _hooked: RangeRecorder | None = None  # the recorder the wrappers feed (the current session's)
+
+
+def _forget_in_child() -> None:
+    # A forked child must not drive the parent's recorder (its lock may have been copied held); a meter of the
+    # child's own session hooks its own, and its first push or pop takes the parent's ids off the child's stack.
+    global _hooked
+    _hooked = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _warn_failure(what: str, e: Exception) -> None:
+    warnings.warn(f"wattscope could not record a range ({what}: {type(e).__name__}: {e}); the NVTX range itself is "
+                  "unaffected", RuntimeWarning, stacklevel=3)
 
 
 def hook_torch_nvtx(recorder: RangeRecorder) -> bool:
     """Wrap ``torch.cuda.nvtx.range_push``/``range_pop`` (once per process) so that they also enter and leave a
     range of ``recorder`` (the latest one given: a new session brings a new recorder); the originals still run
-    first (push) and last (pop), so Nsight sees the same NVTX ranges. Returns False when torch is not imported
-    (nothing to wrap: ``m.phase`` ranges still work)."""
+    first (push) and last (pop), return what they return, and see no exception of ours, so Nsight sees the same NVTX
+    ranges. Returns False when torch is not imported (nothing to wrap: ``m.phase`` ranges still work)."""
     global _hooked
     torch = sys.modules.get("torch")
     if torch is None:
@@ -172,13 +217,19 @@ def hook_torch_nvtx(recorder: RangeRecorder) -> bool:
     def range_push(msg: str) -> Any:
         depth = original_push(msg)
         if _hooked is not None:
-            _hooked.push(str(msg))
+            try:
+                _hooked.push(msg)
+            except Exception as e:  # noqa: BLE001 - the user's NVTX call must not fail because of us
+                _warn_failure("range_push", e)
         return depth
 
     @functools.wraps(original_pop)
     def range_pop() -> Any:
         if _hooked is not None:
-            _hooked.pop()
+            try:
+                _hooked.pop()
+            except Exception as e:  # noqa: BLE001
+                _warn_failure("range_pop", e)
         return original_pop()
 
     range_push.__wattscope__ = True  # type: ignore[attr-defined]
@@ -205,14 +256,20 @@ def range_ids(correlation_id: np.ndarray, pair_correlation: np.ndarray, pair_ran
     return out
 
 
-def range_table(attribution: Any, ranges: dict[int, RangeInfo], *, overflow: int = 0) -> Any:
+def range_table(attribution: Any, ranges: dict[int, tuple[str, int]], *, overflow: int = 0,
+                pairs_lost: int = 0) -> Any:
     """Energy per range path ("outer / inner") of one Attribution whose timeline carries ``range_id``, as a pandas
     DataFrame with columns ``RANGE_COLUMNS``; ``attrs["notes"]`` says what the reader should know.
 
+    ``ranges`` maps ids to (name, parent id); ``overflow`` counts entries not recorded (past MAX_RANGES),
+    ``pairs_lost`` the tracer's (launch, range) pairs past its capacity.
+
     Rows: every range path with kernels in the window, inclusive of the ranges nested in it (``depth`` 0 for the
-    outermost), then ``[no range]`` (kernels launched outside every range) and the attribution's own ``[idle]``,
-    ``[unattributed]`` and ``[untraced]`` rows. The depth-0 rows and those that follow add up to the window's energy.
-    ``calls`` counts the entries of the range that launched something in the window."""
+    outermost; ``kernels``, ``time_s`` and ``energy_j`` include the nested ranges', and ``calls`` counts the entries
+    of the range that launched something in the window, themselves or through a nested range), in tree order with
+    siblings by decreasing energy; then ``[no range]`` (kernels launched outside every range) and the attribution's
+    own ``[untraced]``, ``[idle]`` and ``[unattributed]`` rows. The depth-0 rows and those that follow add up to the
+    attribution's window energy."""
     import pandas as pd
 
     from .kernels import IDLE, OTHER, UNATTRIBUTED, UNTRACED
@@ -230,44 +287,42 @@ def range_table(attribution: Any, ranges: dict[int, RangeInfo], *, overflow: int
     for name, e, t in zip(names, energy.tolist(), traced.tolist(), strict=True):
         if t:
             class_energy[name] = class_energy.get(name, 0.0) + e
-    paths: dict[int, tuple[str, ...]] = {}
 
-    def path(range_id: int) -> tuple[str, ...]:
-        if range_id in paths:
-            return paths[range_id]
-        chain, seen, rid = [], set(), range_id
-        while rid >= 0 and rid in ranges and rid not in seen:
-            seen.add(rid)
-            chain.append(ranges[rid].name)
-            rid = ranges[rid].parent
-        out = tuple(reversed(chain)) if chain else ("[unknown range]",)
-        paths[range_id] = out
-        return out
+    chains: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+
+    def chain(range_id: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """(names, ids) from the outermost range down to ``range_id``."""
+        if range_id not in chains:
+            names_, ids_, rid = [], [], range_id
+            while rid >= 0 and rid in ranges and rid not in ids_:
+                ids_.append(rid)
+                names_.append(ranges[rid][0])
+                rid = ranges[rid][1]
+            if not ids_:  # an id this run never recorded: a range entered on another thread in an earlier run
+                names_, ids_ = [UNKNOWN_RANGE], [range_id]
+            chains[range_id] = (tuple(reversed(names_)), tuple(reversed(ids_)))
+        return chains[range_id]
+
+    def fresh() -> dict[str, Any]:
+        return {"kernels": 0, "time_s": 0.0, "energy_j": 0.0, "unc": {}, "ids": set()}
 
     acc: dict[tuple[str, ...], dict[str, Any]] = {}
-    no_range = {"kernels": 0, "time_s": 0.0, "energy_j": 0.0, "unc": {}}
+    no_range = fresh()
     for i in np.flatnonzero(traced):
         rid = int(ids[i])
         e = float(energy[i])
         row = class_rows.get(names[i])
-        share = e / class_energy[names[i]] if row is not None and class_energy.get(names[i], 0.0) > 0 else 0.0
-        u = share * (row.uncertainty_j if row is not None else 0.0)
-        targets = []
+        total = class_energy.get(names[i], 0.0)
+        u = (e / total) * row.uncertainty_j if row is not None and total > 0 else 0.0
         if rid < 0:
-            targets.append(no_range)
+            targets = [no_range]
         else:
-            p = path(rid)
-            for depth in range(len(p)):
-                key = p[: depth + 1]
-                targets.append(acc.setdefault(key, {"kernels": 0, "time_s": 0.0, "energy_j": 0.0, "unc": {},
-                                                    "ids": set()}))
-            # calls: entries of this range and of its parents that launched something here
-            chain, r = [], rid
-            while r >= 0 and r in ranges:
-                chain.append(r)
-                r = ranges[r].parent
-            for depth, key_id in enumerate(reversed(chain)):
-                acc[p[: depth + 1]]["ids"].add(key_id)
+            path, path_ids = chain(rid)
+            targets = []
+            for depth in range(len(path)):
+                t = acc.setdefault(path[: depth + 1], fresh())
+                t["ids"].add(path_ids[depth])
+                targets.append(t)
         for t in targets:
             t["kernels"] += 1
             t["time_s"] += float(durations_s[i])
@@ -282,11 +337,10 @@ def range_table(attribution: Any, ranges: dict[int, RangeInfo], *, overflow: int
         return [label, depth, calls, a["kernels"], t, e, unc, e / t if t > 0 else math.nan,
                 e / total_j if total_j > 0 else math.nan]
 
-    rows = [finish(" / ".join(key), len(key) - 1, len(a["ids"]), a) for key, a in acc.items()]
-    # Tree order: each path after its parent, siblings by decreasing energy.
-    energy_of = {tuple(r[0].split(" / ")): r[5] for r in rows}
-    rows.sort(key=lambda r: [(-energy_of[tuple(r[0].split(" / ")[: d + 1])], part)
-                             for d, part in enumerate(r[0].split(" / "))])
+    # Tree order, on the paths themselves (a name may contain " / "): each path after its parent, siblings by
+    # decreasing energy.
+    order = sorted(acc, key=lambda path: [(-acc[path[: d + 1]]["energy_j"], part) for d, part in enumerate(path)])
+    rows = [finish(" / ".join(path), len(path) - 1, len(acc[path]["ids"]), acc[path]) for path in order]
     rows.append(finish(NO_RANGE, 0, 0, no_range))
     for special in (UNTRACED, IDLE, UNATTRIBUTED):
         r = class_rows.get(special)
@@ -297,6 +351,13 @@ def range_table(attribution: Any, ranges: dict[int, RangeInfo], *, overflow: int
     if overflow:
         notes.append(f"{overflow} range entries past the first {MAX_RANGES} of this tracing run were not recorded: "
                      "their kernels count in the enclosing recorded range or [no range]")
+    if pairs_lost:
+        notes.append(f"the tracer kept no more (launch, range) pairs after its capacity ({pairs_lost} lost): kernels "
+                     "launched after that count as [no range]; a larger capacity (KernelTracing.configure("
+                     "range_pair_capacity=...)) keeps them")
+    if any(path[0] == UNKNOWN_RANGE for path in acc):
+        notes.append(f"{UNKNOWN_RANGE}: kernels launched inside a range that another thread entered before this "
+                     "tracing run and has not left or re-entered since; their range is not known")
     if timeline.range_id is None:
         notes.append("this window was not traced with ranges: every kernel is in [no range]")
     table.attrs.update(method=attribution.method, notes=tuple(notes))

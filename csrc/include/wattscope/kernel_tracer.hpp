@@ -77,6 +77,9 @@ struct TracerConfig {
   // launching call's, which ties it to the innermost range open on the launching thread. The API records themselves
   // are skipped; they cost a record per CUDA call.
   bool ranges = false;
+  // Pairs kept per recording: CUPTI writes one for every API call inside a range (launches, and the calls around
+  // them: cudaGetLastError, allocator and event calls), so they outnumber the kernel records several times over.
+  std::size_t range_pair_capacity = 1u << 23;
 };
 
 // One recording's records, mapped to CLOCK_MONOTONIC. name_index indexes names (kernels) or is -1 (memcpy,
@@ -93,9 +96,10 @@ struct TracerSnapshot {
   // (correlation id, range id) pairs from EXTERNAL_CORRELATION records (TracerConfig::ranges), in arrival order.
   std::vector<uint32_t> range_correlation_id;
   std::vector<uint64_t> range_id;
+  uint64_t range_pairs_lost = 0;    // pairs parsed while `range_pair_capacity` was full (not dropped records)
   uint64_t buffers_refused = 0;     // request callbacks answered with no buffer (pool empty)
   uint64_t records_dropped = 0;     // records CUPTI reports dropped (cuptiActivityGetNumDroppedRecords)
-  uint64_t records_overflow = 0;    // records (and range pairs) parsed while `capacity` was full
+  uint64_t records_overflow = 0;    // records parsed while `capacity` was full
   uint64_t records_incomplete = 0;  // records with start = end = 0 (CUPTI could not time them)
   std::size_t clock_segments = 0;
 };

@@ -7,7 +7,8 @@ CUDA graph), then
    coefficient of variation of the last 5 blocks' time per batch is below ``warmup_cv``, or, for runs too noisy
    for that (small batches, bound by the host), until the last 5 blocks no longer drift from the 5 before them
    (``_steady``), or until ``warmup_cap_s`` has passed (the result says whether warm-up converged). The first call
-   (compilation, graph capture, lazy CUDA initialisation) is timed apart and never counts as a block.
+   (compilation, graph capture, lazy CUDA initialisation) is timed apart, never counts as a block, and is not part
+   of the cap.
 2. measure trials: sleep the trial's phase offset (so window edges fall at different phases of the sensor's sample
    clock), then a ``PowerMeter`` window around whole batches, launched until the protocol's window has passed
    (``wattscope.calibration.protocol.plan``: long enough for the sensor). PowerMeter synchronises the GPU at both
@@ -212,7 +213,7 @@ def warm_up(step: Callable[[], Any], sync: Callable[[], None], settings: Measure
     t0 = time.monotonic()
     step()  # compilation, graph capture and lazy initialisation happen here: never a timing block
     sync()
-    t1 = time.monotonic()
+    t1 = time.monotonic()  # the cap counts from here: a compilation longer than the cap must still leave blocks
     step()
     sync()
     seconds_per_batch = max(time.monotonic() - t1, 1e-6)
@@ -228,7 +229,7 @@ def warm_up(step: Callable[[], Any], sync: Callable[[], None], settings: Measure
         if _steady(blocks, settings.warmup_cv):
             converged = True
             break
-        if time.monotonic() - t0 >= settings.warmup_cap_s:
+        if time.monotonic() - t1 >= settings.warmup_cap_s:
             break
     return WarmUp(statistics.median(blocks[-_WARMUP_BLOCKS:]), len(blocks), converged, time.monotonic() - t0)
 
