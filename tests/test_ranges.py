@@ -297,3 +297,28 @@ def test_the_nvtx_wrapper_returns_torchs_value_and_survives_our_failure(fake, cu
 def test_ranges_are_not_a_tracer_option(fake, cupti) -> None:
     with pytest.raises(ValueError, match="per meter"):
         _session.current().kernel_tracing().configure(ranges=True)
+
+
+def test_the_trace_shows_each_kernels_range_and_each_range_as_a_gpu_span(fake, cupti, tmp_path) -> None:
+    import json
+
+    fake.set_trace(0, [0.0], [100.0])
+    with PowerMeter(0, kernels=True, ranges=True) as m:
+        ranges = _session.current().kernel_tracing().ranges
+        t0 = time.monotonic_ns()
+        with ranges.entered("step"):
+            _inject(cupti, b"a", t0, t0 + 10 * MS)
+            with ranges.entered("inner"):
+                _inject(cupti, b"b", t0 + 12 * MS, t0 + 20 * MS)
+        _inject(cupti, b"c", t0 + 25 * MS, t0 + 30 * MS)
+        time.sleep(0.05)
+    events = json.loads(m.save_trace(tmp_path / "t.json").read_text())["traceEvents"]
+    kernels = {e["name"]: e for e in events if e["ph"] == "X" and e.get("cat") == "kernel"}
+    assert kernels["a"]["args"]["range"] == "step" and kernels["b"]["args"]["range"] == "step / inner"
+    assert "range" not in kernels["c"]["args"]
+    spans = {e["args"]["range"]: e for e in events if e.get("cat") == "range"}
+    assert set(spans) == {"step", "step / inner"}
+    assert spans["step"]["ts"] == pytest.approx(kernels["a"]["ts"]) and spans["step"]["dur"] == pytest.approx(20_000)
+    assert spans["step / inner"]["dur"] == pytest.approx(8_000) and spans["step / inner"]["tid"] != spans["step"]["tid"]
+    tracks = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert {"ranges, depth 0", "ranges, depth 1"} <= tracks

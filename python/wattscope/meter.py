@@ -376,13 +376,22 @@ class PowerMeter:
         }
         if len(m.gpus) == 1:
             att = self.kernel_attribution(method=method)
-            return save_trace(path, att.timeline, series, energy_table=att)
+            return save_trace(path, att.timeline, series, energy_table=att, ranges=self._range_chains(att.timeline))
         self.kernel_attribution(m.gpus[0].cuda_index, method)  # raises the clear error when nothing was traced
         assert self._kernel_capture is not None and self._kernel_capture.timeline is not None
         ordinals = [g.cuda_index for g in m.gpus if g.cuda_index is not None]
         timeline = self._kernel_capture.timeline
         timeline = timeline.take(np.isin(timeline.device, ordinals)).clip(m.start_ns, m.stop_ns)
-        return save_trace(path, timeline, series)
+        return save_trace(path, timeline, series, ranges=self._range_chains(timeline))
+
+    def _range_chains(self, timeline: Any) -> dict[int, tuple[tuple[str, ...], tuple[int, ...]]] | None:
+        """For save_trace: each range id of ``timeline`` with its chain of names and ids, or None without ranges."""
+        from .ranges import range_chain
+
+        capture = self._kernel_capture
+        if capture is None or capture.ranges is None or timeline.range_id is None:
+            return None
+        return {int(r): range_chain(capture.ranges, int(r)) for r in np.unique(timeline.range_id) if r >= 0}
 
     def plot(self, path: str | Path, *, cuda_index: int | None = None, method: str | None = None,
              top_n: int = 8) -> Path:

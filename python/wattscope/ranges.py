@@ -256,6 +256,21 @@ def range_ids(correlation_id: np.ndarray, pair_correlation: np.ndarray, pair_ran
     return out
 
 
+def range_chain(ranges: dict[int, tuple[str, int]], range_id: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(names, ids) of ``range_id`` and its ancestors, outermost first; ``([UNKNOWN_RANGE], [range_id])`` for an id
+    this run never recorded (a range entered on another thread in an earlier run)."""
+    names: list[str] = []
+    ids: list[int] = []
+    rid = range_id
+    while rid >= 0 and rid in ranges and rid not in ids:
+        ids.append(rid)
+        names.append(ranges[rid][0])
+        rid = ranges[rid][1]
+    if not ids:
+        return (UNKNOWN_RANGE,), (range_id,)
+    return tuple(reversed(names)), tuple(reversed(ids))
+
+
 def range_table(attribution: Any, ranges: dict[int, tuple[str, int]], *, overflow: int = 0,
                 pairs_lost: int = 0) -> Any:
     """Energy per range path ("outer / inner") of one Attribution whose timeline carries ``range_id``, as a pandas
@@ -291,16 +306,8 @@ def range_table(attribution: Any, ranges: dict[int, tuple[str, int]], *, overflo
     chains: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}
 
     def chain(range_id: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        """(names, ids) from the outermost range down to ``range_id``."""
         if range_id not in chains:
-            names_, ids_, rid = [], [], range_id
-            while rid >= 0 and rid in ranges and rid not in ids_:
-                ids_.append(rid)
-                names_.append(ranges[rid][0])
-                rid = ranges[rid][1]
-            if not ids_:  # an id this run never recorded: a range entered on another thread in an earlier run
-                names_, ids_ = [UNKNOWN_RANGE], [range_id]
-            chains[range_id] = (tuple(reversed(names_)), tuple(reversed(ids_)))
+            chains[range_id] = range_chain(ranges, range_id)
         return chains[range_id]
 
     def fresh() -> dict[str, Any]:

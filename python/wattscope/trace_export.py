@@ -2,8 +2,11 @@
 
 Open the file in https://ui.perfetto.dev or chrome://tracing. One process per GPU (``pid`` = CUDA device ordinal)
 holds a thread per CUDA stream (``tid`` = stream id) with an ``"X"`` complete event per kernel, memcpy or memset,
-and a ``"power_w"`` counter track (``"C"`` events) with the GPU's readings. Times are µs relative to the earliest
-event (``ts`` 0), as the format wants; the absolute CLOCK_MONOTONIC origin is kept in ``otherData.origin_ns``.
+and a ``"power_w"`` counter track (``"C"`` events) with the GPU's readings. With user ranges, each kernel event
+carries its ``range`` path, and each range entry becomes a slice on a "ranges, depth d" track of its GPU: from the
+start of its first kernel to the end of its last (GPU time, nested ranges included; its gaps are idle). Times are
+µs relative to the earliest event (``ts`` 0), as the format wants; the absolute CLOCK_MONOTONIC origin is kept in
+``otherData.origin_ns``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["save_trace"]
 
 _NS_PER_US = 1e3
+_RANGE_TID = 1 << 30  # range tracks: tid 2^30 + depth, far above the stream ids CUPTI hands out
 
 
 def _num(value: float) -> str:
@@ -49,6 +53,7 @@ def save_trace(
     power_series: Mapping[object, tuple[np.ndarray, np.ndarray]],
     *,
     energy_table: Attribution | pd.DataFrame | None = None,
+    ranges: Mapping[int, tuple[tuple[str, ...], tuple[int, ...]]] | None = None,
 ) -> Path:
     """Write ``timeline`` and the power readings as a Chrome/Perfetto JSON trace.
 
@@ -61,6 +66,8 @@ def save_trace(
         energy_table: an :class:`~wattscope.kernels.Attribution` (each event's args get the energy credited to that
             call, ``energy_j``) or its ``table`` DataFrame (each event's args get its class's ``class_energy_j``,
             ``class_share`` and ``class_mean_power_w``, matched by name).
+        ranges: for the ids in ``timeline.range_id``, the (names, ids) chain from the outermost range down
+            (``ranges.range_chain``).
 
     Returns:
         The path written.
@@ -132,6 +139,10 @@ def save_trace(
 
     names = timeline.name.tolist()
     kinds = timeline.kind.tolist()
+    range_of = timeline.range_id.tolist() if ranges is not None and timeline.range_id is not None else None
+    starts, ends = timeline.start_ns.tolist(), timeline.end_ns.tolist()
+    # Each range entry's GPU span, per device: [first kernel start, last kernel end] over it and its nested ranges.
+    spans: dict[tuple[int, int], list[Any]] = {}  # (device, entry id) -> [start_ns, end_ns, name, depth, path]
     grid = timeline.grid.tolist() if timeline.grid is not None else None
     energies = per_call_j.tolist() if per_call_j is not None else None
     x_text: list[str] = []
@@ -140,6 +151,14 @@ def save_trace(
             ((timeline.end_ns - timeline.start_ns) / _NS_PER_US).tolist(),
             timeline.device.tolist(), timeline.stream.tolist(), strict=True)):
         args = f'"kind":{esc(kinds[i])}'
+        if range_of is not None and ranges is not None and range_of[i] in ranges:
+            chain_names, chain_ids = ranges[range_of[i]]
+            args += f',"range":{esc(" / ".join(chain_names))}'
+            for depth, entry in enumerate(chain_ids):
+                span = spans.setdefault((dev, entry), [starts[i], ends[i], chain_names[depth], depth,
+                                                       " / ".join(chain_names[: depth + 1])])
+                span[0] = min(span[0], starts[i])
+                span[1] = max(span[1], ends[i])
         if grid is not None:
             args += f',"grid":{esc(grid[i])}'
         if energies is not None:
@@ -159,8 +178,22 @@ def save_trace(
         c_ts.append(np.asarray(ts_list))
         c_text += [f'{{"name":"power_w","ph":"C","ts":{ts!r},"pid":{pid},"tid":0,"args":{{"power_w":{_num(w)}}}}}'
                    for ts, w in zip(ts_list, p.tolist(), strict=True)]
-    all_ts = np.concatenate([(timeline.start_ns - origin_ns) / _NS_PER_US, *c_ts])
-    text = x_text + c_text
+    r_text: list[str] = []
+    r_ts: list[float] = []
+    range_tracks: set[tuple[int, int]] = set()
+    for (dev, _entry), (a, b, name, depth, label) in spans.items():
+        ts, dur = (a - origin_ns) / _NS_PER_US, (b - a) / _NS_PER_US
+        r_ts.append(ts)
+        range_tracks.add((dev, depth))
+        r_text.append(f'{{"name":{esc(name)},"cat":"range","ph":"X","ts":{ts!r},"dur":{dur!r},'
+                      f'"pid":{dev},"tid":{_RANGE_TID + depth},"args":{{"range":{esc(label)}}}}}')
+    for dev, depth in sorted(range_tracks):
+        meta.append({"name": "thread_name", "ph": "M", "ts": 0, "pid": dev, "tid": _RANGE_TID + depth,
+                     "args": {"name": f"ranges, depth {depth}"}})
+        meta.append({"name": "thread_sort_index", "ph": "M", "ts": 0, "pid": dev, "tid": _RANGE_TID + depth,
+                     "args": {"sort_index": -1000 + depth}})
+    all_ts = np.concatenate([(timeline.start_ns - origin_ns) / _NS_PER_US, *c_ts, np.asarray(r_ts, dtype=np.float64)])
+    text = x_text + c_text + r_text
     order = np.argsort(all_ts, kind="stable").tolist()
 
     out = Path(path)
