@@ -157,12 +157,13 @@ class KernelTracing:
             untraced = tuple((max(int(a), start_ns), min(stop_ns if b is None else int(b), stop_ns), holder)
                              for a, b, holder in self._untraced if a < stop_ns and (b is None or b > start_ns))
             ranges_on, ranges_why = lease.ranges and self._ranges_on, self._ranges_why
+            ranges, overflow, lost = None, 0, 0
+            if ranges_on:  # under the lock: a shutdown resets the recorder
+                ids = np.unique(np.concatenate([snap["range_id"] for snap in snaps])) if snaps else []
+                ranges, overflow = self.ranges.lookup(ids)
+                lost = sum(int(snap["range_pairs_lost"]) for snap in snaps)
         parts = [timeline_from_snapshot(snap, start_ns, stop_ns, with_ranges=ranges_on) for snap in snaps]
         timeline = KernelTimeline.concat(parts)
-        ranges, overflow, lost = None, 0, 0
-        if ranges_on:
-            ranges, overflow = self.ranges.lookup(np.unique(timeline.range_id) if len(timeline) else [])
-            lost = sum(int(snap["range_pairs_lost"]) for snap in snaps)
         return KernelCapture(
             timeline, failures=failures, untraced=untraced, ranges=ranges,
             ranges_unavailable=None if ranges_on else ranges_why, ranges_overflow=overflow, range_pairs_lost=lost,
@@ -223,8 +224,13 @@ class KernelTracing:
         # CUPTI's buffers must come back while a long window runs, or the pool runs dry and records are dropped.
         self._core.set_tracer_flush(self._sampler(), tracer, _FLUSH_PERIOD_S)
         if self._ranges_on:
-            self.ranges.attach(self._cupti)
-            hook_torch_nvtx(self.ranges)
+            try:
+                self.ranges.attach(self._cupti)
+                hook_torch_nvtx(self.ranges)
+            except Exception:
+                self._stop_active()  # no tracer left recording for a start that failed
+                self._segments.pop()
+                raise
 
     def _stop_active(self) -> None:
         self._core.set_tracer_flush(self._sampler(), None)

@@ -48,12 +48,15 @@ MAX_RANGES = 1 << 20
 NO_RANGE = "[no range]"
 UNKNOWN_RANGE = "[unknown range]"
 RANGE_COLUMNS = ("range", "depth", "calls", "kernels", "time_s", "energy_j", "uncertainty_j", "mean_power_w", "share")
-_OVERFLOWED = -2  # an entry past MAX_RANGES: never registered, never pushed
+_OVERFLOWED = -2  # an entry past MAX_RANGES (or one we failed to record): not registered, not pushed
 
-# Process-wide, whichever recorder (session) is current: ids never repeat, so an id some thread left on its CUPTI
-# stack can never name a later range, and each thread's open ranges survive a new session.
+# Process-wide, whichever recorder (session) is current: ids and run numbers never repeat, so an id some thread left
+# on its CUPTI stack can never name a later range, and each thread's open ranges survive a new session.
 _ids = itertools.count()  # next() is atomic under the GIL
-_threads = threading.local()  # .stack: [[range id, the Cupti it is pushed on or None, name]], .seen: (recorder, gen)
+_runs = itertools.count()
+# .stack: [[range id (or -1: not recorded yet), the Cupti it is pushed on or None, name, run it was recorded in]]
+# .seen: (recorder, generation) the stack was last brought in line with
+_threads = threading.local()
 
 
 def _thread_stack() -> list[list[Any]]:
@@ -78,8 +81,10 @@ class RangeRecorder:
         self._ranges: dict[int, tuple[str, int]] = {}  # id -> (name, parent id or -1)
         self._names: dict[str, str] = {}  # one copy of each name: a range per batch repeats the same few
         self._overflow = 0
-        self._cupti: Any = None  # set while a tracer with ranges records
-        self._generation = 0
+        self._run = next(_runs)  # a new one at every reset: entries recorded in another run are recorded again
+        # (generation, the Cupti while a tracer with ranges records, else None): one tuple, replaced whole, so a
+        # thread reads a state that was really set
+        self._state: tuple[int, Any] = (0, None)
 
     # -- the tracer's side ---------------------------------------------------------------------------------------
 
@@ -87,16 +92,14 @@ class RangeRecorder:
         """A tracer with ranges started recording: ranges entered from now on are pushed to CUPTI, and every thread's
         open ones too (this thread's now, the others' at their next push or pop), so a meter opened inside a range
         sees it."""
-        self._cupti = cupti
-        self._generation += 1
+        self._state = (self._state[0] + 1, cupti)
         self._sync()
 
     def detach(self) -> None:
         """The tracer stopped or handed CUPTI to torch.profiler: every thread takes our ids off its CUPTI stack (this
         one now, the others at their next push or pop: until then their API calls still carry the id, which Kineto
         logs as an unknown external correlation)."""
-        self._cupti = None
-        self._generation += 1
+        self._state = (self._state[0] + 1, None)
         self._sync()
 
     def reset(self) -> None:
@@ -105,6 +108,7 @@ class RangeRecorder:
             self._ranges = {}
             self._names = {}
             self._overflow = 0
+            self._run = next(_runs)
 
     def lookup(self, ids: Any) -> tuple[dict[int, tuple[str, int]], int]:
         """The (name, parent) of each of ``ids`` and of their ancestors, and how many entries were not recorded
@@ -120,20 +124,17 @@ class RangeRecorder:
     # -- the user's side -----------------------------------------------------------------------------------------
 
     def push(self, name: object) -> None:
-        stack = self._sync()
-        cupti = self._cupti
-        if cupti is None:
-            stack.append([-1, None, str(name)])  # not recording: keep the stack, and the name for a later attach
-            return
-        range_id = self._register(str(name), stack[-1][0] if stack else -1)
-        pushed = cupti if range_id >= 0 and cupti.push_range(range_id) == 0 else None
-        stack.append([range_id, pushed, str(name)])
+        stack, cupti = self._sync()
+        entry = [-1, None, str(name), self._run]
+        stack.append(entry)  # first: a failure below must not leave the user's pop to take the enclosing range's
+        if cupti is not None:
+            self._record(stack, len(stack) - 1, cupti)
 
     def pop(self) -> None:
-        stack = self._sync()
+        stack, _ = self._sync()
         if not stack:
             return  # a pop with no push through us (pushed before the wrappers were installed)
-        _, pushed, _ = stack.pop()
+        pushed = stack.pop()[1]
         if pushed is not None:
             pushed.pop_range()
 
@@ -145,37 +146,42 @@ class RangeRecorder:
         finally:
             self.pop()
 
-    def _register(self, name: str, parent: int) -> int:
+    def _record(self, stack: list[list[Any]], i: int, cupti: Any) -> None:
+        """Register entry ``i`` in this run (its parent: the nearest recorded entry below it) and push it."""
+        entry = stack[i]
+        parent = next((e[0] for e in reversed(stack[:i]) if e[0] >= 0), -1)
         with self._lock:
+            entry[3] = self._run
             if len(self._ranges) >= MAX_RANGES:
                 self._overflow += 1
-                return _OVERFLOWED
-            range_id = next(_ids)
-            self._ranges[range_id] = (self._names.setdefault(name, name), parent)
-            return range_id
+                entry[0] = _OVERFLOWED
+                return
+            entry[0] = next(_ids)
+            self._ranges[entry[0]] = (self._names.setdefault(entry[2], entry[2]), parent)
+        if cupti.push_range(entry[0]) == 0:
+            entry[1] = cupti
 
-    def _sync(self) -> list[list[Any]]:
-        """This thread's stack, brought in line with the current generation first: everything of ours off its CUPTI
-        stack (innermost first), then, while recording, every open range registered in this run and pushed again
-        (outermost first)."""
+    def _sync(self) -> tuple[list[list[Any]], Any]:
+        """This thread's stack and the Cupti to push on (None: not recording), the stack brought in line with the
+        current state first: everything of ours off its CUPTI stack (innermost first), then, while recording, every
+        open range recorded in this run and pushed again (outermost first)."""
         stack = _thread_stack()
-        if _threads.seen == (self, self._generation):
-            return stack
+        state = self._state  # read once: what is applied is what is marked seen
+        generation, cupti = state
+        if _threads.seen == (self, generation):
+            return stack, cupti
         for entry in reversed(stack):
             if entry[1] is not None:
                 entry[1].pop_range()
                 entry[1] = None
-        cupti = self._cupti
         if cupti is not None:
-            parent = -1
-            for entry in stack:
-                if entry[0] != _OVERFLOWED and entry[0] not in self._ranges:  # unseen, or from an earlier run
-                    entry[0] = self._register(entry[2], parent)
-                if entry[0] >= 0 and cupti.push_range(entry[0]) == 0:
+            for i, entry in enumerate(stack):
+                if entry[3] != self._run or entry[0] == -1:  # entered while not recording, or in another run
+                    self._record(stack, i, cupti)
+                elif entry[0] >= 0 and cupti.push_range(entry[0]) == 0:
                     entry[1] = cupti
-                parent = entry[0] if entry[0] >= 0 else parent
-        _threads.seen = (self, self._generation)
-        return stack
+        _threads.seen = (self, generation)
+        return stack, cupti
 
 
 # -- torch.cuda.nvtx ------------------------------------------------------------------------------------------------
@@ -217,9 +223,12 @@ def hook_torch_nvtx(recorder: RangeRecorder) -> bool:
     def range_push(msg: str) -> Any:
         depth = original_push(msg)
         if _hooked is not None:
+            depth_before = len(_thread_stack())
             try:
                 _hooked.push(msg)
             except Exception as e:  # noqa: BLE001 - the user's NVTX call must not fail because of us
+                if len(_thread_stack()) == depth_before:  # keep the user's pop paired with this push
+                    _thread_stack().append([_OVERFLOWED, None, str(msg), -1])
                 _warn_failure("range_push", e)
         return depth
 
@@ -359,9 +368,9 @@ def range_table(attribution: Any, ranges: dict[int, tuple[str, int]], *, overflo
         notes.append(f"{overflow} range entries past the first {MAX_RANGES} of this tracing run were not recorded: "
                      "their kernels count in the enclosing recorded range or [no range]")
     if pairs_lost:
-        notes.append(f"the tracer kept no more (launch, range) pairs after its capacity ({pairs_lost} lost): kernels "
-                     "launched after that count as [no range]; a larger capacity (KernelTracing.configure("
-                     "range_pair_capacity=...)) keeps them")
+        notes.append(f"the tracer lost {pairs_lost} (launch, range) pairs past its capacity in this tracing run (not "
+                     "necessarily inside this window): kernels whose pair was lost count as [no range]; a larger "
+                     "capacity (KernelTracing.configure(range_pair_capacity=...)) keeps them")
     if any(path[0] == UNKNOWN_RANGE for path in acc):
         notes.append(f"{UNKNOWN_RANGE}: kernels launched inside a range that another thread entered before this "
                      "tracing run and has not left or re-entered since; their range is not known")

@@ -4,7 +4,8 @@ Open the file in https://ui.perfetto.dev or chrome://tracing. One process per GP
 holds a thread per CUDA stream (``tid`` = stream id) with an ``"X"`` complete event per kernel, memcpy or memset,
 and a ``"power_w"`` counter track (``"C"`` events) with the GPU's readings. With user ranges, each kernel event
 carries its ``range`` path, and each range entry becomes a slice on a "ranges, depth d" track of its GPU: from the
-start of its first kernel to the end of its last (GPU time, nested ranges included; its gaps are idle). Times are
+start of its first kernel to the end of its last (GPU time, nested ranges included; its gaps are idle). Entries whose
+spans overlap (kernels on several streams) go to extra lanes of that depth. Times are
 µs relative to the earliest event (``ts`` 0), as the format wants; the absolute CLOCK_MONOTONIC origin is kept in
 ``otherData.origin_ns``.
 """
@@ -28,7 +29,11 @@ if TYPE_CHECKING:
 __all__ = ["save_trace"]
 
 _NS_PER_US = 1e3
-_RANGE_TID = 1 << 30  # range tracks: tid 2^30 + depth, far above the stream ids CUPTI hands out
+_RANGE_TID = 1 << 30  # range tracks sit far above the stream ids CUPTI hands out
+
+
+def _range_tid(depth: int, lane: int) -> int:
+    return _RANGE_TID + (depth << 12) + lane
 
 
 def _num(value: float) -> str:
@@ -180,18 +185,27 @@ def save_trace(
                    for ts, w in zip(ts_list, p.tolist(), strict=True)]
     r_text: list[str] = []
     r_ts: list[float] = []
-    range_tracks: set[tuple[int, int]] = set()
-    for (dev, _entry), (a, b, name, depth, label) in spans.items():
+    # Slices of one track must nest, but sibling ranges' GPU spans overlap when their kernels do (several streams or
+    # threads): each (GPU, depth) gets as many lanes as it needs, a span going to the first lane free at its start.
+    lanes_end: dict[tuple[int, int], list[int]] = {}
+    for a, b, name, depth, label, dev in sorted((v[0], v[1], v[2], v[3], v[4], k[0]) for k, v in spans.items()):
+        ends = lanes_end.setdefault((dev, depth), [])
+        lane = next((j for j, end in enumerate(ends) if end <= a), len(ends))
+        if lane == len(ends):
+            ends.append(b)
+        else:
+            ends[lane] = b
         ts, dur = (a - origin_ns) / _NS_PER_US, (b - a) / _NS_PER_US
         r_ts.append(ts)
-        range_tracks.add((dev, depth))
         r_text.append(f'{{"name":{esc(name)},"cat":"range","ph":"X","ts":{ts!r},"dur":{dur!r},'
-                      f'"pid":{dev},"tid":{_RANGE_TID + depth},"args":{{"range":{esc(label)}}}}}')
-    for dev, depth in sorted(range_tracks):
-        meta.append({"name": "thread_name", "ph": "M", "ts": 0, "pid": dev, "tid": _RANGE_TID + depth,
-                     "args": {"name": f"ranges, depth {depth}"}})
-        meta.append({"name": "thread_sort_index", "ph": "M", "ts": 0, "pid": dev, "tid": _RANGE_TID + depth,
-                     "args": {"sort_index": -1000 + depth}})
+                      f'"pid":{dev},"tid":{_range_tid(depth, lane)},"args":{{"range":{esc(label)}}}}}')
+    for (dev, depth), ends in sorted(lanes_end.items()):
+        for lane in range(len(ends)):
+            name = f"ranges, depth {depth}" + (f" ({lane + 1})" if lane else "")
+            meta.append({"name": "thread_name", "ph": "M", "ts": 0, "pid": dev, "tid": _range_tid(depth, lane),
+                         "args": {"name": name}})
+            meta.append({"name": "thread_sort_index", "ph": "M", "ts": 0, "pid": dev, "tid": _range_tid(depth, lane),
+                         "args": {"sort_index": -1000 + 64 * depth + lane}})
     all_ts = np.concatenate([(timeline.start_ns - origin_ns) / _NS_PER_US, *c_ts, np.asarray(r_ts, dtype=np.float64)])
     text = x_text + c_text + r_text
     order = np.argsort(all_ts, kind="stable").tolist()

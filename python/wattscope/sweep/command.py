@@ -123,7 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--idle-s", type=float, default=3.0, metavar="S", help="idle-power baseline length (default 3)")
     run.add_argument(
-        "--warmup-s", type=float, default=10.0, metavar="S", help="longest warm-up per configuration (default 10)"
+        "--warmup-s", type=float, default=10.0, metavar="S",
+        help="longest warm-up per configuration, after its first call (which compiles or captures; default 10)"
     )
     run.add_argument("--dry-run", action="store_true", help="print the work list and exit")
     run.add_argument("--quiet", action="store_true", help="no progress output")

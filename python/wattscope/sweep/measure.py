@@ -7,8 +7,8 @@ CUDA graph), then
    coefficient of variation of the last 5 blocks' time per batch is below ``warmup_cv``, or, for runs too noisy
    for that (small batches, bound by the host), until the last 5 blocks no longer drift from the 5 before them
    (``_steady``), or until ``warmup_cap_s`` has passed (the result says whether warm-up converged). The first call
-   (compilation, graph capture, lazy CUDA initialisation) is timed apart, never counts as a block, and is not part
-   of the cap.
+   (compilation, graph capture, lazy CUDA initialisation) never counts as a block and is not part of the cap; its
+   time is in the result's ``warmup_s``.
 2. measure trials: sleep the trial's phase offset (so window edges fall at different phases of the sensor's sample
    clock), then a ``PowerMeter`` window around whole batches, launched until the protocol's window has passed
    (``wattscope.calibration.protocol.plan``: long enough for the sensor). PowerMeter synchronises the GPU at both

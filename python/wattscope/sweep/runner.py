@@ -91,7 +91,7 @@ class SweepOptions:
     max_units: int | None = None  # only the first N selected units
     device: str = "cuda"  # "cpu" runs the models on the CPU while metering the GPUs (tests)
     idle_s: float = 3.0  # idle-power baseline per GPU
-    warmup_s: float = 10.0  # cap on warm-up per configuration
+    warmup_s: float = 10.0  # cap on warm-up per configuration, after its first (compiling, capturing) call
     retry_failures: bool = False  # measure again what failed before
     # Skip only what this very board measured, not what another GPU of the same model did (board-to-board studies).
     per_board: bool = False
