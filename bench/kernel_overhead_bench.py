@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
+
+from workloads import interleaved_rounds
 
 
 def main() -> int:
@@ -122,21 +123,16 @@ def main() -> int:
 
     modes = {"none": run_none, "meter": run_meter, "meter_kernels": run_kernels, "meter_ranges": run_ranges,
              "torch_profiler": run_profiler}
-    runs: dict[str, list[dict]] = {k: [] for k in modes}
-    rng = random.Random(0)
-    for rep in range(args.rounds):
-        order = list(modes)
-        rng.shuffle(order)
-        for mode in order:
-            r = modes[mode]()
-            runs[mode].append(r)
-            extra = ""
-            if "records_per_batch" in r:
-                extra = f" records/batch {r['records_per_batch']:.1f} dropped {r['dropped']}"
-            if "cuda_events_per_batch" in r:
-                extra = f" profiler CUDA events/batch {r['cuda_events_per_batch']:.1f} (post {r['post_s']:.2f} s)"
-            print(f"  round {rep:2} {mode:15} {args.batch * n_batches / r['s']:8.1f} img/s "
-                  f"{r['cpu_s'] / n_batches * 1e3:6.2f} ms CPU/batch{extra}")
+    def report(rep: int, mode: str, r: dict) -> None:
+        extra = ""
+        if "records_per_batch" in r:
+            extra = f" records/batch {r['records_per_batch']:.1f} dropped {r['dropped']}"
+        if "cuda_events_per_batch" in r:
+            extra = f" profiler CUDA events/batch {r['cuda_events_per_batch']:.1f} (post {r['post_s']:.2f} s)"
+        print(f"  round {rep:2} {mode:15} {args.batch * n_batches / r['s']:8.1f} img/s "
+              f"{r['cpu_s'] / n_batches * 1e3:6.2f} ms CPU/batch{extra}")
+
+    runs = interleaved_rounds(modes, args.rounds, report)
 
     def tput(r: dict) -> float:
         return args.batch * n_batches / r["s"]

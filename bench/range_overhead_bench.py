@@ -24,10 +24,11 @@ import argparse
 import datetime
 import json
 import platform
-import random
 import statistics
 import sys
 import time
+
+from workloads import interleaved_rounds
 
 
 def main() -> int:
@@ -75,25 +76,28 @@ def main() -> int:
             r = timed(lambda: launches(n))
         return {**r, "records_per_launch": records(m)}
 
-    def run_kernels_ranges() -> dict:
+    def in_ranges(group: int | None) -> dict:
+        """The loop inside one NVTX range, in ranges of ``group`` launches within it when given."""
+        def body() -> None:
+            with torch.cuda.nvtx.range("loop"):
+                for _ in range(n // (group or n)):
+                    if group:
+                        with torch.cuda.nvtx.range("group"):
+                            launches(group)
+                    else:
+                        launches(n)
+
         with wattscope.PowerMeter(args.device, kernels=True, ranges=True) as m:
-            def body() -> None:
-                with torch.cuda.nvtx.range("loop"):
-                    launches(n)
             r = timed(body)
         t = m.range_attribution(method="overlap").set_index("range")
-        return {**r, "records_per_launch": records(m), "in_range": float(t.loc["loop", "kernels"]) / n}
+        innermost = "loop / group" if group else "loop"
+        return {**r, "records_per_launch": records(m), "in_range": float(t.loc[innermost, "kernels"]) / n}
+
+    def run_kernels_ranges() -> dict:
+        return in_ranges(None)
 
     def run_nvtx_groups() -> dict:
-        with wattscope.PowerMeter(args.device, kernels=True, ranges=True) as m:
-            def body() -> None:
-                with torch.cuda.nvtx.range("loop"):
-                    for _ in range(n // g):
-                        with torch.cuda.nvtx.range("group"):
-                            launches(g)
-            r = timed(body)
-        t = m.range_attribution(method="overlap").set_index("range")
-        return {**r, "records_per_launch": records(m), "in_range": float(t.loc["loop / group", "kernels"]) / n}
+        return in_ranges(g)
 
     def run_phase_groups() -> dict:
         with wattscope.PowerMeter(args.device, kernels=True) as m:
@@ -108,17 +112,11 @@ def main() -> int:
              "nvtx_per_group": run_nvtx_groups, "phase_per_group": run_phase_groups}
     for body in modes.values():  # warm-up: CUPTI's first enable, allocator, clocks
         body()
-    runs: dict[str, list[dict]] = {k: [] for k in modes}
-    rng = random.Random(0)
-    for rep in range(args.rounds):
-        order = list(modes)
-        rng.shuffle(order)
-        for mode in order:
-            r = modes[mode]()
-            runs[mode].append(r)
-            extra = "".join(f" {k} {r[k]:.3f}" for k in ("records_per_launch", "in_range") if k in r)
-            print(f"  round {rep} {mode:16} {r['s'] / n * 1e6:7.3f} us/launch, CPU {r['cpu_s'] / n * 1e6:7.3f}"
-                  f"{extra}")
+    def report(rep: int, mode: str, r: dict) -> None:
+        extra = "".join(f" {k} {r[k]:.3f}" for k in ("records_per_launch", "in_range") if k in r)
+        print(f"  round {rep} {mode:16} {r['s'] / n * 1e6:7.3f} us/launch, CPU {r['cpu_s'] / n * 1e6:7.3f}{extra}")
+
+    runs = interleaved_rounds(modes, args.rounds, report)
 
     print(f"\n{n} launches a run, {args.rounds} rounds; medians over rounds "
           "(extra: against `none` of the same round)\n")

@@ -20,3 +20,21 @@ def gemm_loop(torch, cuda_index: int, seconds: float, size: int = 8192) -> tuple
         n += 20
         torch.cuda.synchronize(dev)
     return n, time.perf_counter() - t0
+
+
+def interleaved_rounds(modes: dict, rounds: int, report, seed: int = 0) -> dict[str, list[dict]]:
+    """Run every mode once per round, in a fresh random order each round (a noisy host drifts between rounds: only
+    modes measured within one round are compared); ``report(round, mode, result)`` after each. Returns each mode's
+    results in round order."""
+    import random
+
+    runs: dict[str, list[dict]] = {k: [] for k in modes}
+    rng = random.Random(seed)
+    for rep in range(rounds):
+        order = list(modes)
+        rng.shuffle(order)
+        for mode in order:
+            r = modes[mode]()
+            runs[mode].append(r)
+            report(rep, mode, r)
+    return runs
