@@ -353,14 +353,16 @@ def run_real(args: argparse.Namespace) -> int:
     ok = True
     if not args.skip_isolation:
         ok = run_isolation(args.gpus, args.isolation_s)
+    if args.skip_sweep and not args.shards:
+        return 0 if ok else 1
+    # One folder for both: the shards compare their merge with the several-GPU sweep's file when it is there.
+    out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="multi_gpu_bench_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_args = args.sweep_args or DEFAULT_SWEEP_ARGS
     if not args.skip_sweep:
-        out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="multi_gpu_bench_"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run_sweeps(args.gpus, args.sweep_args or DEFAULT_SWEEP_ARGS, out_dir)
+        run_sweeps(args.gpus, sweep_args, out_dir)
     if args.shards:
-        out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="multi_gpu_bench_"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ok = run_shards(args.gpus, args.sweep_args or DEFAULT_SWEEP_ARGS, out_dir) and ok
+        ok = run_shards(args.gpus, sweep_args, out_dir) and ok
     return 0 if ok else 1
 
 
