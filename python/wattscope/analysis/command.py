@@ -181,6 +181,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _render(r: dict[str, Any]) -> str:
+    from .methods import energy_factor
     from .score import band_edges_text
 
     fit = r["fit"]
@@ -231,9 +232,9 @@ def _render(r: dict[str, Any]) -> str:
             if m["saving_frac"] >= 0:
                 effect = (f"{100 * m['saving_frac']:6.1f} %  [{100 * m['ci95_low']:.1f}, "
                           f"{100 * m['ci95_high']:.1f}]")
-            else:  # a setting that costs energy (batch 1) reads better as a factor than as "-1882 % saved"
-                effect = (f"costs {1 - m['saving_frac']:.2f}x  [{1 - m['ci95_high']:.2f}, "
-                          f"{1 - m['ci95_low']:.2f}]")
+            else:
+                factor, low, high = energy_factor(m["saving_frac"], m["ci95_low"], m["ci95_high"])
+                effect = f"costs {factor:.2f}x  [{low:.2f}, {high:.2f}]"
             out.append(
                 f"  {m['method']:<14}{effect}  over {m['n_models']} models"
                 + (f" ({cross} of them only from pairs across boards)" if cross else "")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .fit import FORMS, FrontierFit, fit_frontier
-from .methods import method_order, method_savings, method_savings_by_family
+from .methods import energy_factor, method_order, method_savings, method_savings_by_family
 from .results import combine_boards, select_slice, slice_label, usable_energy
 from .score import BAND_COLOURS, BAND_EDGES, BANDS, score_models
 
@@ -275,9 +275,9 @@ def _methods(plt: Any, savings: pd.DataFrame, df: pd.DataFrame, path: Path) -> P
         if agg["saving_frac"] >= 0:
             effect = (f"saves {100 * agg['saving_frac']:.0f} % [95 % CI {100 * agg['ci95_low']:.0f}, "
                       f"{100 * agg['ci95_high']:.0f}]")
-        else:  # as the text report says it: a factor, not "-1882 % saved"
-            effect = (f"costs {1 - agg['saving_frac']:.1f}x the energy [95 % CI {1 - agg['ci95_high']:.1f}, "
-                      f"{1 - agg['ci95_low']:.1f}]")
+        else:
+            factor, low, high = energy_factor(agg["saving_frac"], agg["ci95_low"], agg["ci95_high"])
+            effect = f"costs {factor:.1f}x the energy [95 % CI {low:.1f}, {high:.1f}]"
         ax.set_title(
             f"{_method_title(method)}, from {'; '.join(contexts)}\n{effect} over {int(agg['n_models'])} "
             "models" + (f", {cross} of them only from pairs across boards" if cross else ""),
