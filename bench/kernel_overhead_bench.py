@@ -77,10 +77,15 @@ def main() -> int:
     n_batches = max(10, int(args.seconds / per_batch_s))
     print(f"resnet50 bs{args.batch} bf16 channels_last: {per_batch_s * 1e3:.2f} ms/batch, {n_batches} batches a run")
 
-    def loop(n: int = n_batches) -> dict:
+    def loop(n: int = n_batches, batch_range: str | None = None) -> dict:
+        """n batches, each inside an NVTX range of that name when given; wall and launching-thread CPU time."""
         t, cpu = time.perf_counter(), time.thread_time()
         for _ in range(n):
-            step()
+            if batch_range is None:
+                step()
+            else:
+                with torch.cuda.nvtx.range(batch_range):
+                    step()
         torch.cuda.synchronize()
         return {"s": time.perf_counter() - t, "cpu_s": time.thread_time() - cpu}
 
@@ -92,22 +97,17 @@ def main() -> int:
             r = loop()
         return {**r, "energy_j": m.result.energy_j}
 
-    def run_kernels() -> dict:
-        with wattscope.PowerMeter(args.device, kernels=True) as m:
-            r = loop()
+    def traced(ranges: bool) -> dict:
+        with wattscope.PowerMeter(args.device, kernels=True, ranges=ranges) as m:
+            r = loop(batch_range="batch" if ranges else None)
         tl = m.kernel_attribution(method="overlap").timeline
         return {**r, "energy_j": m.result.energy_j, "records_per_batch": len(tl) / n_batches, "dropped": tl.dropped}
 
+    def run_kernels() -> dict:
+        return traced(ranges=False)
+
     def run_ranges() -> dict:
-        with wattscope.PowerMeter(args.device, kernels=True, ranges=True) as m:
-            t, cpu = time.perf_counter(), time.thread_time()
-            for _ in range(n_batches):
-                with torch.cuda.nvtx.range("batch"):
-                    step()
-            torch.cuda.synchronize()
-            r = {"s": time.perf_counter() - t, "cpu_s": time.thread_time() - cpu}
-        tl = m.kernel_attribution(method="overlap").timeline
-        return {**r, "energy_j": m.result.energy_j, "records_per_batch": len(tl) / n_batches, "dropped": tl.dropped}
+        return traced(ranges=True)
 
     def run_profiler() -> dict:
         from torch.profiler import ProfilerActivity, profile
