@@ -386,12 +386,12 @@ class PowerMeter:
 
     def _range_chains(self, timeline: Any) -> dict[int, tuple[tuple[str, ...], tuple[int, ...]]] | None:
         """For save_trace: each range id of ``timeline`` with its chain of names and ids, or None without ranges."""
-        from .ranges import range_chain
+        from .ranges import range_chains
 
         capture = self._kernel_capture
         if capture is None or capture.ranges is None or timeline.range_id is None:
             return None
-        return {int(r): range_chain(capture.ranges, int(r)) for r in np.unique(timeline.range_id) if r >= 0}
+        return range_chains(capture.ranges, timeline.range_id)
 
     def plot(self, path: str | Path, *, cuda_index: int | None = None, method: str | None = None,
              top_n: int = 8) -> Path:
