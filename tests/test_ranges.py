@@ -353,11 +353,11 @@ def test_a_failure_to_record_keeps_the_users_push_and_pop_paired(fake, cupti, mo
     with PowerMeter(0, kernels=True, ranges=True) as m:
         ranges = _session.current().kernel_tracing().ranges
         with torch.cuda.nvtx.range("outer"):
-            original = ranges._record
-            monkeypatch.setattr(ranges, "_record", lambda *a: 1 / 0)
+            original = ranges._push_entry
+            monkeypatch.setattr(ranges, "_push_entry", lambda *a: 1 / 0)
             with pytest.warns(RuntimeWarning, match="could not record"), torch.cuda.nvtx.range("inner"):
                 pass
-            monkeypatch.setattr(ranges, "_record", original)
+            monkeypatch.setattr(ranges, "_push_entry", original)
             t0 = time.monotonic_ns()
             _inject(cupti, b"k", t0, t0 + 10 * MS)  # after inner's pop, still inside outer
         time.sleep(0.05)

@@ -129,7 +129,7 @@ class RangeRecorder:
         entry = [-1, None, str(name), self._run]
         stack.append(entry)  # first: a failure below must not leave the user's pop to take the enclosing range's
         if cupti is not None:
-            self._record(stack, len(stack) - 1, cupti)
+            self._push_entry(stack, len(stack) - 1, cupti)
 
     def pop(self) -> None:
         stack, _ = self._sync()
@@ -147,28 +147,29 @@ class RangeRecorder:
         finally:
             self.pop()
 
-    def _record(self, stack: list[list[Any]], i: int, cupti: Any) -> None:
-        """Register entry ``i`` in this run (its parent: the nearest recorded entry below it) and push it."""
+    def _push_entry(self, stack: list[list[Any]], i: int, cupti: Any) -> None:
+        """Push entry ``i`` on this thread's CUPTI stack, first recording it in this run when it is not yet (entered
+        while not recording, or in another run; its parent: the nearest recorded entry below it)."""
         entry = stack[i]
-        parent = next((e[0] for e in reversed(stack[:i]) if e[0] >= 0), -1)
-        with self._lock:
-            entry[3] = self._run
-            if len(self._ranges) >= MAX_RANGES:
-                self._overflow += 1
-                entry[0] = _OVERFLOWED
-                return
-            entry[0] = next(_ids)
-            self._ranges[entry[0]] = (self._names.setdefault(entry[2], entry[2]), parent)
-        if cupti.push_range(entry[0]) == 0:
+        if entry[0] == -1 or entry[3] != self._run:
+            parent = next((e[0] for e in reversed(stack[:i]) if e[0] >= 0), -1)
+            with self._lock:
+                entry[3] = self._run
+                if len(self._ranges) >= MAX_RANGES:
+                    self._overflow += 1
+                    entry[0] = _OVERFLOWED
+                else:
+                    entry[0] = next(_ids)
+                    self._ranges[entry[0]] = (self._names.setdefault(entry[2], entry[2]), parent)
+        if entry[0] >= 0 and cupti.push_range(entry[0]) == 0:
             entry[1] = cupti
 
     def _sync(self) -> tuple[list[list[Any]], Any]:
         """This thread's stack and the Cupti to push on (None: not recording), the stack brought in line with the
         current state first: everything of ours off its CUPTI stack (innermost first), then, while recording, every
-        open range recorded in this run and pushed again (outermost first)."""
+        open range pushed again (outermost first)."""
         stack = _thread_stack()
-        state = self._state  # read once: what is applied is what is marked seen
-        generation, cupti = state
+        generation, cupti = self._state  # read once: what is applied is what is marked seen
         if _threads.seen == (self, generation):
             return stack, cupti
         for entry in reversed(stack):
@@ -176,11 +177,8 @@ class RangeRecorder:
                 entry[1].pop_range()
                 entry[1] = None
         if cupti is not None:
-            for i, entry in enumerate(stack):
-                if entry[3] != self._run or entry[0] == -1:  # entered while not recording, or in another run
-                    self._record(stack, i, cupti)
-                elif entry[0] >= 0 and cupti.push_range(entry[0]) == 0:
-                    entry[1] = cupti
+            for i in range(len(stack)):
+                self._push_entry(stack, i, cupti)
         _threads.seen = (self, generation)
         return stack, cupti
 
