@@ -35,6 +35,8 @@ _KIND_MEMSET = 2
 _EDGE_NS = 1_000_000_000
 # 8 buffers of 4 MiB hold ~150k records: at 0.25 s a flush, a workload would need 600k kernels/s to run them dry.
 _FLUSH_PERIOD_S = 0.25
+_RANGES_NOT_ASKED = ("this window was traced without ranges: the first kernel meter of the tracing run decides, so "
+                     "open the outermost one with PowerMeter(kernels=True, ranges=True)")
 
 
 class KernelTracingUnavailableError(WattscopeError):
@@ -103,7 +105,7 @@ class KernelTracing:
         self._pid = os.getpid()  # a forked child's profiler must not drive the parent's tracers
         self.ranges = RangeRecorder()
         self._ranges_on = False  # this run's tracers record user ranges
-        self._ranges_why = ""  # why a run asked for ranges has none
+        self._ranges_why = _RANGES_NOT_ASKED  # why this run records no ranges
 
     def configure(self, **options: Any) -> None:
         """KernelTracer options (``buffer_bytes``, ``buffer_count``, ``capacity``, ``range_pair_capacity``, ...) for
@@ -119,10 +121,7 @@ class KernelTracing:
         profiler_guard.watch(self)
         with self._lock:
             if self._users == 0:
-                self._ranges_on = ranges
-                self._ranges_why = ("this window was traced without ranges: the first kernel meter of the tracing "
-                                    "run decides, so open the outermost one with PowerMeter(kernels=True, "
-                                    "ranges=True)")
+                self._ranges_on, self._ranges_why = ranges, _RANGES_NOT_ASKED
                 self._segments, self._untraced = [], []
                 # Asked afresh at every first use: a holder remembered from an earlier run may have gone without
                 # telling us (a profiler that began before the wrappers were installed).
@@ -156,7 +155,7 @@ class KernelTracing:
                              for t in self._segments for f in t.failures())
             untraced = tuple((max(int(a), start_ns), min(stop_ns if b is None else int(b), stop_ns), holder)
                              for a, b, holder in self._untraced if a < stop_ns and (b is None or b > start_ns))
-            ranges_on, ranges_why = lease.ranges and self._ranges_on, self._ranges_why
+            ranges_on, ranges_why = lease.ranges, self._ranges_why  # a lease carries its run's setting
             ranges, overflow, lost = None, 0, 0
             if ranges_on:  # under the lock: a shutdown resets the recorder
                 ids = np.unique(np.concatenate([snap["range_id"] for snap in snaps])) if snaps else []
