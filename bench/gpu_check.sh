@@ -105,6 +105,12 @@ if has kernel_overhead; then
   python3 "$repo/bench/kernel_overhead_bench.py" --json "$OUT/kernel_overhead.json" ${OVERHEAD_ARGS:-} \
     --top-kernels-md "$OUT/top_kernels.md" 2>&1 | tee "$OUT/kernel_overhead.txt"
 fi
+if has kernel_overhead_graph; then  # the same model replayed as one CUDA graph: GPU-bound, no launch cost to add to
+  mark kernel_overhead_graph
+  # shellcheck disable=SC2086
+  python3 "$repo/bench/kernel_overhead_bench.py" --graph --top-seconds 0 --json "$OUT/kernel_overhead_graph.json" \
+    ${OVERHEAD_GRAPH_ARGS:-} 2>&1 | tee "$OUT/kernel_overhead_graph.txt"
+fi
 if has range_overhead; then
   mark range_overhead
   # shellcheck disable=SC2086

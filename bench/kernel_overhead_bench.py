@@ -1,84 +1,146 @@
 """What measuring costs a real model: timm resnet50 inference (random weights), batch 64, bf16 autocast,
 channels_last, under each way of watching it, side by side in one run.
 
-    python3 bench/kernel_overhead_bench.py [--device 0] [--rounds 12] [--seconds 1.0] [--json OUT.json]
-        [--top-kernels-md OUT.md]
+    python3 bench/kernel_overhead_bench.py [--device 0] [--graph] [--chunk-seconds 0.25] [--budget-s 150]
+        [--modes none_again,meter,meter_kernels,meter_ranges,torch_profiler] [--json OUT.json]
+        [--top-seconds 8] [--top-kernels-md OUT.md]
 
-Modes, run in a fresh random order every round (the GPU's clocks drift by tens of percent over a minute under
-its power cap, so only modes measured side by side within a round are compared):
+Modes:
   none            the loop alone
+  none_again      the loop alone again, run as if it were a mode: the A/A control (its "slowdown" is the method's
+                  own bias and resolution; a figure for a mode means something only where it differs from this one)
   meter           one PowerMeter() around the loop
   meter_kernels   one PowerMeter(kernels=True) around the loop
   meter_ranges    one PowerMeter(kernels=True, ranges=True) around the loop, an NVTX range around every batch
   torch_profiler  torch.profiler.profile(activities=[CPU, CUDA]) around the loop (the peer: what users run today
-                  to see kernels); its trace processing after the loop is timed apart, not in the throughput
-Each mode runs the same number of batches per round and is timed from the first launch to a final synchronize.
-A round's slowdown of a mode is 1 - throughput(mode) / throughput(none) of that round; the result is the median over
-rounds, with the interquartile range. Eager resnet50 at batch 64 is bound by the host's kernel launches on our
-H100 VM, whose CPU time per batch swings by +-30 % from one second to the next (other tenants), so the wall-clock
-slowdown is noisy; the launching thread's own CPU time per batch (time.thread_time, which a busy neighbour does not
-inflate) is reported beside it: that is where CUPTI's per-launch cost lands.
+                  to see kernels)
+--graph replays the forward pass as one captured CUDA graph instead of launching it eagerly.
 
-Because torch.profiler runs between kernel meters, this is also a coexistence check: every meter_kernels run
-reports how many kernel records it got per batch, and every torch_profiler run how many CUDA events it saw.
-Finally one meter_kernels run is attributed: the top kernels by energy (model estimator when the sensor response is
-characterised) with their uncertainties, printed and optionally written as a markdown table.
+Method. The host of our H100 VM changes speed by +-30 % from one second to the next (other tenants), and eager
+resnet50 at batch 64 is bound by the host's kernel launches there, so long runs compared round by round cannot
+resolve a few percent (sessions 4-5: IQRs of 10-40 points). Here every mode runs in short chunks (--chunk-seconds)
+with a `none` chunk before and after it, modes in a fresh random order every round, until --budget-s is spent:
+  none, A, none, C, none, B, none, B, none, A, ...
+A chunk's slowdown is 1 - its throughput / the mean throughput of its two neighbouring `none` chunks, which cancels
+drift slower than a few chunks; a mode's figure is the median over its chunks with a bootstrap 95 % CI of that
+median. Each chunk opens its mode (untimed), runs one batch inside it (untimed: the first launches after enabling
+CUPTI pay its instrumentation), times --chunk-seconds of batches up to a final synchronize, and closes its mode
+(untimed, reported as the per-window cost). That is the steady-state cost of running under a meter; a window's own
+open and close are reported apart.
+
+Two phases, because CUPTI is never detached once a kernel meter has used it (wattscope does not finalize CUPTI;
+torch.profiler does, at the end of each session): phase 1 runs none_again and meter only, in a process that has
+not touched CUPTI, and gives the energy-only figure; phase 2 runs every mode. The sampler thread lingers for 3 s
+after a meter closes by default, so that back-to-back meters reuse it; here it is set to stop at once
+(`wattscope.configure_sampler(linger_ns=0)`), so `none` chunks run without it.
+
+Because torch.profiler runs between kernel meters, this is also a coexistence check: the first meter_kernels chunk
+reports how many kernel records it got per batch, and the first torch_profiler chunk how many CUDA events it saw.
+Finally one meter_kernels run of --top-seconds is attributed: the top kernels by energy (model estimator when the
+sensor response is characterised) with their uncertainties, printed and optionally written as a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
 
-from workloads import interleaved_rounds
+import numpy as np
+
+MODES = ("none_again", "meter", "meter_kernels", "meter_ranges", "torch_profiler")
+PRISTINE_MODES = ("none_again", "meter")  # phase 1: no CUPTI in the process yet
+GOALS = {"meter": 0.005, "meter_kernels": 0.03}  # the per-kernel issue's overhead goals
+
+
+def median_ci(values: list[float], rng: np.random.Generator, n_boot: int = 4000) -> tuple[float, float, float]:
+    """Median and a percentile-bootstrap 95 % CI of the median."""
+    a = np.asarray(values, dtype=float)
+    meds = np.median(a[rng.integers(0, a.size, (n_boot, a.size))], axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return float(np.median(a)), float(lo), float(hi)
+
+
+def verdict(goal: float, lo: float, hi: float) -> str:
+    if hi <= goal:
+        return f"goal <= {goal:.1%}: met (CI below it)"
+    if lo > goal:
+        return f"goal <= {goal:.1%}: NOT met (CI above it)"
+    return f"goal <= {goal:.1%}: undecided (CI straddles it)"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--seconds", type=float, default=1.0, help="length of one timed run (sets the batch count)")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--graph", action="store_true", help="replay the forward pass as a captured CUDA graph")
+    ap.add_argument("--chunk-seconds", type=float, default=0.25, help="length of one timed chunk")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="wall time for both phases together")
+    ap.add_argument("--pristine-share", type=float, default=0.3, help="share of the budget for phase 1")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     ap.add_argument("--top-kernels-md")
     ap.add_argument("--top-seconds", type=float, default=8.0,
-                    help="length of the one kernel-traced run whose top kernels are attributed")
+                    help="length of the one kernel-traced run whose top kernels are attributed (0: skip)")
     args = ap.parse_args()
+    modes_wanted = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes_wanted) - set(MODES))
+    if unknown:
+        ap.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
 
     import timm
     import torch
 
     import wattscope
 
+    wattscope.configure_sampler(linger_ns=0)
     dev = torch.device("cuda", args.device)
     torch.cuda.set_device(dev)
     model = timm.create_model("resnet50", pretrained=False).to(dev).eval().to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, 224, 224, device=dev).to(memory_format=torch.channels_last)
 
-    def step() -> None:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+    def forward() -> None:
+        # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture.
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not args.graph):
             model(x)
 
     # Warm-up: cuDNN autotuning, lazy module loading, clocks.
     t_end = time.monotonic() + 3.0
-    n_warm = 0
     while time.monotonic() < t_end:
-        step()
-        n_warm += 1
+        forward()
     torch.cuda.synchronize()
+    step = forward
+    if args.graph:
+        side = torch.cuda.Stream()  # warm-up on a side stream before capture, as torch.cuda.graph asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+        step = graph.replay
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(20):
         step()
     torch.cuda.synchronize()
     per_batch_s = (time.perf_counter() - t0) / 20
-    n_batches = max(10, int(args.seconds / per_batch_s))
-    print(f"resnet50 bs{args.batch} bf16 channels_last: {per_batch_s * 1e3:.2f} ms/batch, {n_batches} batches a run")
+    n_chunk = max(5, int(args.chunk_seconds / per_batch_s))
+    kind = "CUDA graph" if args.graph else "eager"
+    print(f"resnet50 bs{args.batch} bf16 channels_last, {kind}: {per_batch_s * 1e3:.2f} ms/batch, "
+          f"{n_chunk} batches a chunk")
 
-    def loop(n: int = n_batches, batch_range: str | None = None) -> dict:
+    def loop(n: int, batch_range: str | None = None) -> dict:
         """n batches, each inside an NVTX range of that name when given; wall and launching-thread CPU time."""
+        torch.cuda.synchronize()
         t, cpu = time.perf_counter(), time.thread_time()
         for _ in range(n):
             if batch_range is None:
@@ -89,103 +151,157 @@ def main() -> int:
         torch.cuda.synchronize()
         return {"s": time.perf_counter() - t, "cpu_s": time.thread_time() - cpu}
 
+    first_seen: set[str] = set()
+
     def run_none() -> dict:
-        return loop()
+        step()
+        return loop(n_chunk)
 
     def run_meter() -> dict:
-        with wattscope.PowerMeter(args.device) as m:
-            r = loop()
-        return {**r, "energy_j": m.result.energy_j}
+        t = time.perf_counter()
+        m = wattscope.PowerMeter(args.device).start()
+        open_s = time.perf_counter() - t
+        step()
+        r = loop(n_chunk)
+        t = time.perf_counter()
+        m.stop()
+        return {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
 
-    def traced(ranges: bool) -> dict:
-        with wattscope.PowerMeter(args.device, kernels=True, ranges=ranges) as m:
-            r = loop(batch_range="batch" if ranges else None)
-        tl = m.kernel_attribution(method="overlap").timeline
-        return {**r, "energy_j": m.result.energy_j, "records_per_batch": len(tl) / n_batches, "dropped": tl.dropped}
-
-    def run_kernels() -> dict:
-        return traced(ranges=False)
-
-    def run_ranges() -> dict:
-        return traced(ranges=True)
+    def traced(ranges: bool, mode: str) -> dict:
+        t = time.perf_counter()
+        m = wattscope.PowerMeter(args.device, kernels=True, ranges=ranges).start()
+        open_s = time.perf_counter() - t
+        step()
+        r = loop(n_chunk, batch_range="batch" if ranges else None)
+        t = time.perf_counter()
+        m.stop()
+        r = {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
+        if mode not in first_seen:  # the coexistence check, once per mode (an attribution takes a while)
+            first_seen.add(mode)
+            tl = m.kernel_attribution(method="overlap").timeline
+            r.update(records_per_batch=len(tl) / (n_chunk + 1), dropped=tl.dropped)
+        return r
 
     def run_profiler() -> dict:
         from torch.profiler import ProfilerActivity, profile
 
+        t = time.perf_counter()
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         prof.__enter__()
-        r = loop()
+        open_s = time.perf_counter() - t
+        step()
+        r = loop(n_chunk)
         t = time.perf_counter()
         prof.__exit__(None, None, None)
-        post_s = time.perf_counter() - t
-        n_cuda = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        return {**r, "post_s": post_s, "cuda_events_per_batch": n_cuda / n_batches}
+        r = {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
+        if "torch_profiler" not in first_seen:
+            first_seen.add("torch_profiler")
+            n_cuda = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            r["cuda_events_per_batch"] = n_cuda / (n_chunk + 1)
+        return r
 
-    modes = {"none": run_none, "meter": run_meter, "meter_kernels": run_kernels, "meter_ranges": run_ranges,
-             "torch_profiler": run_profiler}
-    def report(rep: int, mode: str, r: dict) -> None:
-        extra = ""
-        if "records_per_batch" in r:
-            extra = f" records/batch {r['records_per_batch']:.1f} dropped {r['dropped']}"
-        if "cuda_events_per_batch" in r:
-            extra = f" profiler CUDA events/batch {r['cuda_events_per_batch']:.1f} (post {r['post_s']:.2f} s)"
-        print(f"  round {rep:2} {mode:15} {args.batch * n_batches / r['s']:8.1f} img/s "
-              f"{r['cpu_s'] / n_batches * 1e3:6.2f} ms CPU/batch{extra}")
-
-    runs = interleaved_rounds(modes, args.rounds, report)
+    runners = {"none_again": run_none, "meter": run_meter,
+               "meter_kernels": lambda: traced(False, "meter_kernels"),
+               "meter_ranges": lambda: traced(True, "meter_ranges"), "torch_profiler": run_profiler}
 
     def tput(r: dict) -> float:
-        return args.batch * n_batches / r["s"]
+        return args.batch * n_chunk / r["s"]
 
-    def quartiles(values: list[float]) -> tuple[float, float, float]:
-        q1, med, q3 = (float(v) for v in statistics.quantiles(values, n=4, method="inclusive"))
-        return q1, med, q3
+    rng = random.Random(args.seed)
 
-    summary = {}
-    print(f"\n{'mode':15} {'img/s':>8} {'slowdown [IQR], median of rounds':>34} "
-          f"{'CPU ms/batch':>13} {'extra CPU [IQR]':>26}")
-    for mode, rs in runs.items():
-        slow = [1 - tput(r) / tput(b) for r, b in zip(rs, runs["none"], strict=True)]
-        extra_cpu = [r["cpu_s"] / b["cpu_s"] - 1 for r, b in zip(rs, runs["none"], strict=True)]
-        (q1, med, q3), (c1, cmed, c3) = quartiles(slow), quartiles(extra_cpu)
-        summary[mode] = {"images_per_s": statistics.median(tput(r) for r in rs), "slowdown_median": med,
-                         "slowdown_iqr": [q1, q3], "slowdown_per_round": slow,
-                         "cpu_ms_per_batch": statistics.median(r["cpu_s"] for r in rs) / n_batches * 1e3,
-                         "extra_cpu_median": cmed, "extra_cpu_iqr": [c1, c3]}
-        print(f"{mode:15} {summary[mode]['images_per_s']:8.0f} {100 * med:+13.2f}% "
-              f"[{100 * q1:+6.2f}%, {100 * q3:+6.2f}%] {summary[mode]['cpu_ms_per_batch']:13.2f} "
-              f"{100 * cmed:+9.2f}% [{100 * c1:+6.2f}%, {100 * c3:+6.2f}%]")
+    def phase(name: str, modes: list[str], budget_s: float) -> dict:
+        """Chunks none, m1, none, m2, ... until the budget is spent (whole rounds only); each mode chunk paired with
+        the mean of its two neighbouring none chunks."""
+        print(f"\n== phase {name}: {', '.join(modes)} for {budget_s:.0f} s")
+        chunks: list[dict] = []
+        nones = [run_none()]
+        t_end = time.monotonic() + budget_s
+        rounds = 0
+        while rounds < 3 or time.monotonic() < t_end:
+            order = list(modes)
+            rng.shuffle(order)
+            for mode in order:
+                r = runners[mode]()
+                nones.append({**run_none(), "after": mode})
+                before, after = nones[-2], nones[-1]
+                ref_tput = (tput(before) + tput(after)) / 2
+                ref_cpu = (before["cpu_s"] + after["cpu_s"]) / 2
+                chunks.append({**r, "mode": mode, "round": rounds, "slowdown": 1 - tput(r) / ref_tput,
+                               "extra_cpu": r["cpu_s"] / ref_cpu - 1, "ref_images_per_s": ref_tput})
+                extra = ""
+                if "records_per_batch" in r:
+                    extra = f"  kernel records/batch {r['records_per_batch']:.1f} dropped {r['dropped']}"
+                if "cuda_events_per_batch" in r:
+                    extra = f"  profiler CUDA events/batch {r['cuda_events_per_batch']:.1f}"
+                print(f"  round {rounds:3} {mode:15} {tput(r):8.1f} img/s (none around it {ref_tput:8.1f}) "
+                      f"{chunks[-1]['slowdown'] * 100:+7.2f} %  CPU {r['cpu_s'] / n_chunk * 1e3:6.2f} ms/batch"
+                      f"{extra}")
+            rounds += 1
+        np_rng = np.random.default_rng(args.seed)
+        summary: dict = {}
+        print(f"\n{'mode':15} {'chunks':>6} {'img/s':>8} {'slowdown: median [95% CI]':>32} {'IQR':>20} "
+              f"{'extra CPU: median [95% CI]':>32} {'open+close ms':>14}")
+        ref = statistics.median(tput(r) for r in nones)
+        print(f"{'none':15} {len(nones):6} {ref:8.0f}")
+        for mode in modes:
+            cs = [c for c in chunks if c["mode"] == mode]
+            slow = [c["slowdown"] for c in cs]
+            med, lo, hi = median_ci(slow, np_rng)
+            q1, _, q3 = statistics.quantiles(slow, n=4, method="inclusive")
+            cmed, clo, chi = median_ci([c["extra_cpu"] for c in cs], np_rng)
+            edge_ms = statistics.median(c.get("open_s", 0) + c.get("close_s", 0) for c in cs) * 1e3
+            summary[mode] = {"chunks": len(cs), "images_per_s": statistics.median(tput(c) for c in cs),
+                             "slowdown_median": med, "slowdown_ci95": [lo, hi], "slowdown_iqr": [q1, q3],
+                             "extra_cpu_median": cmed, "extra_cpu_ci95": [clo, chi], "open_close_ms": edge_ms}
+            print(f"{mode:15} {len(cs):6} {summary[mode]['images_per_s']:8.0f} {med * 100:+12.2f} % "
+                  f"[{lo * 100:+6.2f}, {hi * 100:+6.2f}] [{q1 * 100:+6.2f}, {q3 * 100:+6.2f}] "
+                  f"{cmed * 100:+12.2f} % [{clo * 100:+6.2f}, {chi * 100:+6.2f}] {edge_ms:14.1f}")
+        for mode, goal in GOALS.items():
+            if mode in summary:
+                lo, hi = summary[mode]["slowdown_ci95"]
+                print(f"  {mode}: {verdict(goal, lo, hi)}")
+        return {"chunks": chunks, "nones": nones, "summary": summary, "rounds": rounds}
 
-    # One longer kernel-traced run, attributed: a sub-second window leaves the model too few readings to fit more
-    # than a few kernel classes.
-    n_top = max(n_batches, int(args.top_seconds / per_batch_s))
-    with wattscope.PowerMeter(args.device, kernels=True) as m:
-        loop(n_top)
-    att = m.kernel_attribution()
-    print(f"\ntop kernels by energy ({att.method} estimator, window {m.result.duration_s:.2f} s, "
-          f"{m.result.energy_j:.0f} J ± {m.result.uncertainty_j:.1f} J, residual {att.residual_rms_w:.1f} W):")
-    for note in att.notes:
-        print("  note:", note)
-    table = att.table
-    top = table.head(12)
-    lines = ["| kernel | calls | time (ms) | energy (J) | ± (J) | mean power (W) | share |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for _, row in top.iterrows():
-        name = row["name"] if len(row["name"]) <= 70 else row["name"][:67] + "..."
-        lines.append(f"| `{name}` | {row['calls']} | {row['time_s'] * 1e3:.1f} | {row['energy_j']:.2f} | "
-                     f"{row['uncertainty_j']:.2f} | {row['mean_power_w']:.0f} | {row['share'] * 100:.1f} % |")
-    print("\n".join(lines))
-    for key in ("[idle]", "[unattributed]"):
-        sel = table[table["name"] == key]
-        if len(sel):
-            print(f"{key}: {float(sel['energy_j'].iloc[0]):.2f} J")
-    if args.top_kernels_md:
-        with open(args.top_kernels_md, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    t_start = time.monotonic()
+    out: dict = {"kind": kind, "per_batch_s": per_batch_s, "batches_per_chunk": n_chunk, "phases": {}}
+    pristine = [m for m in PRISTINE_MODES if m in modes_wanted]
+    if pristine:
+        out["phases"]["1 (no CUPTI yet)"] = phase("1 (no CUPTI yet)", pristine,
+                                                  args.budget_s * args.pristine_share)
+    rest_s = args.budget_s - (time.monotonic() - t_start)
+    out["phases"]["2 (every mode)"] = phase("2 (every mode)", modes_wanted, max(rest_s, 0.0))
+
+    if args.top_seconds > 0:
+        # One longer kernel-traced run, attributed: a sub-second window leaves the model too few readings to fit
+        # more than a few kernel classes.
+        n_top = max(n_chunk, int(args.top_seconds / per_batch_s))
+        with wattscope.PowerMeter(args.device, kernels=True) as m:
+            loop(n_top)
+        att = m.kernel_attribution()
+        print(f"\ntop kernels by energy ({att.method} estimator, window {m.result.duration_s:.2f} s, "
+              f"{m.result.energy_j:.0f} J ± {m.result.uncertainty_j:.1f} J, residual {att.residual_rms_w:.1f} W):")
+        for note in att.notes:
+            print("  note:", note)
+        table = att.table
+        top = table.head(12)
+        lines = ["| kernel | calls | time (ms) | energy (J) | ± (J) | mean power (W) | share |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for _, row in top.iterrows():
+            name = row["name"] if len(row["name"]) <= 70 else row["name"][:67] + "..."
+            lines.append(f"| `{name}` | {row['calls']} | {row['time_s'] * 1e3:.1f} | {row['energy_j']:.2f} | "
+                         f"{row['uncertainty_j']:.2f} | {row['mean_power_w']:.0f} | {row['share'] * 100:.1f} % |")
+        print("\n".join(lines))
+        for key in ("[idle]", "[unattributed]"):
+            sel = table[table["name"] == key]
+            if len(sel):
+                print(f"{key}: {float(sel['energy_j'].iloc[0]):.2f} J")
+        if args.top_kernels_md:
+            with open(args.top_kernels_md, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        out.update(top_kernels=top.to_dict(orient="records"), method=att.method)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"n_batches": n_batches, "summary": summary, "runs": runs,
-                       "top_kernels": top.to_dict(orient="records"), "method": att.method}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 
