@@ -1,0 +1,92 @@
+"""Replay recorded ground-truth mixes through the per-kernel estimators, without a GPU.
+
+    python bench/ground_truth_replay.py [DIR ...]     (default: bench/data/h100_ground_truth)
+
+Each .npz is one band of `bench/kernel_ground_truth.py --raw-dir`: the mix's kernel timeline, the readings its
+Measurement integrated, the window, the sensor response used, and the truth (each class's power alone, and which
+kernel names belong to it). The error of a class is its estimated energy over (power alone x its busy time in the
+mix) - 1, as in kernel_ground_truth.py. A change to wattscope.kernels can so be judged on real H100 readings before
+it costs GPU time.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wattscope.kernels import Attribution, KernelTimeline, attribute
+from wattscope.response import Response
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "h100_ground_truth"
+NAME_SEPARATOR = "\x1f"  # kernel_ground_truth.py joins a class's kernel names with it
+
+
+@dataclass(frozen=True)
+class Mix:
+    band: str
+    timeline: KernelTimeline
+    t_ns: np.ndarray
+    power_w: np.ndarray
+    start_ns: int
+    stop_ns: int
+    response: Response
+    class_names: dict[str, set[str]]
+    alone_power_w: dict[str, float]
+
+
+def load_mix(path: Path) -> Mix:
+    z = np.load(path)
+    n = z["tl_start_ns"].size
+    timeline = KernelTimeline(z["tl_start_ns"], z["tl_end_ns"], z["tl_name"].astype(object), np.zeros(n, np.int64),
+                              np.zeros(n, np.int64), z["tl_kind"].astype(object))
+    kind, shape_ns, delay_ns = (str(v) for v in z["response"])
+    classes = [str(c) for c in z["classes"]]
+    return Mix(
+        band=path.stem.removeprefix("mix_"), timeline=timeline, t_ns=z["t_ns"], power_w=z["power_w"],
+        start_ns=int(z["start_ns"]), stop_ns=int(z["stop_ns"]),
+        response=Response(kind, float(shape_ns), float(delay_ns)),
+        class_names={c: set(str(s).split(NAME_SEPARATOR)) for c, s in zip(classes, z["class_names"], strict=True)},
+        alone_power_w={c: float(w) for c, w in zip(classes, z["alone_power_w"], strict=True)},
+    )
+
+
+def load_dir(directory: Path) -> list[Mix]:
+    return [load_mix(p) for p in sorted(directory.glob("*.npz"))]
+
+
+def class_errors(mix: Mix, method: str) -> tuple[dict[str, float], Attribution]:
+    """Signed relative error of each class's energy, and the attribution it came from."""
+    att = attribute(mix.timeline, mix.t_ns, mix.power_w, mix.start_ns, mix.stop_ns, response=mix.response,
+                    method=method)
+    clipped = mix.timeline.clip(mix.start_ns, mix.stop_ns)
+    errors = {}
+    for cls, names in mix.class_names.items():
+        sel = np.isin(clipped.name, list(names))
+        busy_s = float(np.sum(clipped.end_ns[sel] - clipped.start_ns[sel])) / 1e9
+        estimate_j = sum(row.energy_j for row in att.rows if row.name in names)
+        errors[cls] = estimate_j / (mix.alone_power_w[cls] * busy_s) - 1.0
+    return errors, att
+
+
+def main(argv: list[str]) -> int:
+    directories = [Path(a) for a in argv] or [DEFAULT_DIR]
+    for directory in directories:
+        mixes = load_dir(directory)
+        if not mixes:
+            print(f"no .npz mixes in {directory}: record some with kernel_ground_truth.py --raw-dir", file=sys.stderr)
+            return 2
+        print(f"{directory}: {len(mixes)} mixes")
+        for mix in mixes:
+            for method in ("overlap", "model"):
+                errors, att = class_errors(mix, method)
+                cells = "  ".join(f"{c} {e * 100:+7.2f} %" for c, e in errors.items())
+                fit = next((n.split(": ", 1)[1] for n in att.notes if n.startswith("fit of")), "")
+                print(f"  {mix.band:9} {method:8} {cells}  {fit}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
