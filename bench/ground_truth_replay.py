@@ -35,6 +35,7 @@ class Mix:
     response: Response
     class_names: dict[str, set[str]]
     alone_power_w: dict[str, float]
+    hot_power_w: dict[str, float] | None  # alone at the mix's temperature (kernel_ground_truth.py --hot-stretches)
 
 
 def load_mix(path: Path) -> Mix:
@@ -50,6 +51,8 @@ def load_mix(path: Path) -> Mix:
         response=Response(kind, float(shape_ns), float(delay_ns)),
         class_names={c: set(str(s).split(NAME_SEPARATOR)) for c, s in zip(classes, z["class_names"], strict=True)},
         alone_power_w={c: float(w) for c, w in zip(classes, z["alone_power_w"], strict=True)},
+        hot_power_w=({c: float(w) for c, w in zip(classes, z["hot_power_w"], strict=True)}
+                     if "hot_power_w" in z.files and z["hot_power_w"].size else None),
     )
 
 
@@ -57,8 +60,12 @@ def load_dir(directory: Path) -> list[Mix]:
     return [load_mix(p) for p in sorted(directory.glob("*.npz"))]
 
 
-def class_errors(mix: Mix, method: str) -> tuple[dict[str, float], Attribution]:
-    """Signed relative error of each class's energy, and the attribution it came from."""
+def class_errors(mix: Mix, method: str, *, hot: bool = False) -> tuple[dict[str, float], Attribution]:
+    """Signed relative error of each class's energy against its power alone (``hot``: alone at the mix's
+    temperature), and the attribution it came from."""
+    truth_w = mix.hot_power_w if hot else mix.alone_power_w
+    if truth_w is None:
+        raise ValueError(f"{mix.band}: this mix was recorded without a hot truth (--hot-stretches)")
     att = attribute(mix.timeline, mix.t_ns, mix.power_w, mix.start_ns, mix.stop_ns, response=mix.response,
                     method=method)
     clipped = mix.timeline.clip(mix.start_ns, mix.stop_ns)
@@ -67,7 +74,7 @@ def class_errors(mix: Mix, method: str) -> tuple[dict[str, float], Attribution]:
         sel = np.isin(clipped.name, list(names))
         busy_s = float(np.sum(clipped.end_ns[sel] - clipped.start_ns[sel])) / 1e9
         estimate_j = sum(row.energy_j for row in att.rows if row.name in names)
-        errors[cls] = estimate_j / (mix.alone_power_w[cls] * busy_s) - 1.0
+        errors[cls] = estimate_j / (truth_w[cls] * busy_s) - 1.0
     return errors, att
 
 
@@ -85,6 +92,9 @@ def main(argv: list[str]) -> int:
                 cells = "  ".join(f"{c} {e * 100:+7.2f} %" for c, e in errors.items())
                 fit = next((n.split(": ", 1)[1] for n in att.notes if n.startswith("fit of")), "")
                 print(f"  {mix.band:9} {method:8} {cells}  {fit}")
+                if mix.hot_power_w is not None:
+                    hot, _ = class_errors(mix, method, hot=True)
+                    print(f"  {'':9} {'(hot)':8} " + "  ".join(f"{c} {e * 100:+7.2f} %" for c, e in hot.items()))
     return 0
 
 
