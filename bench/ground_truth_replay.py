@@ -21,7 +21,7 @@ from wattscope.kernels import Attribution, KernelTimeline, attribute
 from wattscope.response import Response
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "h100_ground_truth"
-NAME_SEPARATOR = "\x1f"  # kernel_ground_truth.py joins a class's kernel names with it
+NAME_SEPARATOR = "\x1f"  # kernel_ground_truth.save_raw joins a class's kernel names with it
 
 
 @dataclass(frozen=True)
@@ -39,21 +39,21 @@ class Mix:
 
 
 def load_mix(path: Path) -> Mix:
-    z = np.load(path)
-    n = z["tl_start_ns"].size
-    timeline = KernelTimeline(z["tl_start_ns"], z["tl_end_ns"], z["tl_name"].astype(object), np.zeros(n, np.int64),
-                              np.zeros(n, np.int64), z["tl_kind"].astype(object))
-    kind, shape_ns, delay_ns = (str(v) for v in z["response"])
-    classes = [str(c) for c in z["classes"]]
-    return Mix(
-        band=path.stem.removeprefix("mix_"), timeline=timeline, t_ns=z["t_ns"], power_w=z["power_w"],
-        start_ns=int(z["start_ns"]), stop_ns=int(z["stop_ns"]),
-        response=Response(kind, float(shape_ns), float(delay_ns)),
-        class_names={c: set(str(s).split(NAME_SEPARATOR)) for c, s in zip(classes, z["class_names"], strict=True)},
-        alone_power_w={c: float(w) for c, w in zip(classes, z["alone_power_w"], strict=True)},
-        hot_power_w=({c: float(w) for c, w in zip(classes, z["hot_power_w"], strict=True)}
-                     if "hot_power_w" in z.files and z["hot_power_w"].size else None),
-    )
+    with np.load(path) as z:
+        n = z["tl_start_ns"].size
+        timeline = KernelTimeline(z["tl_start_ns"], z["tl_end_ns"], z["tl_name"].astype(object),
+                                  np.zeros(n, np.int64), np.zeros(n, np.int64), z["tl_kind"].astype(object))
+        kind, shape_ns, delay_ns = (str(v) for v in z["response"])
+        classes = [str(c) for c in z["classes"]]
+        hot = z["hot_power_w"] if "hot_power_w" in z.files else np.zeros(0)
+        return Mix(
+            band=path.stem.removeprefix("mix_"), timeline=timeline, t_ns=z["t_ns"], power_w=z["power_w"],
+            start_ns=int(z["start_ns"]), stop_ns=int(z["stop_ns"]),
+            response=Response(kind, float(shape_ns), float(delay_ns)),
+            class_names={c: set(str(s).split(NAME_SEPARATOR)) for c, s in zip(classes, z["class_names"], strict=True)},
+            alone_power_w={c: float(w) for c, w in zip(classes, z["alone_power_w"], strict=True)},
+            hot_power_w={c: float(w) for c, w in zip(classes, hot, strict=True)} if hot.size else None,
+        )
 
 
 def load_dir(directory: Path) -> list[Mix]:

@@ -27,8 +27,8 @@ Per band:
   4. With --hot-stretches N, a second truth: each class alone at the mix's temperature, from N rounds of short
      stretches that each follow a reheat with the mixed classes (hot_truth()). Step 1 runs the sleep class after
      the others, on a cooling die, and on the H100 it draws ~0.6 W/degC more when hotter: the mix runs 3-8 degC
-     hotter, so step 1 understates its truth by 1.5-4 % (bench/RESULTS.md, session 6). Errors against both truths
-     are printed.
+     hotter, so step 1 probably understates its truth by 1.4-4 % (bench/RESULTS.md, session 6). Errors against
+     both truths are printed.
 
 Needs torch with CUDA. Prints one table; --json writes every number.
 """
@@ -50,6 +50,7 @@ BANDS_MS = {"0.1-1 ms": (0.1, 1.0), "1-10 ms": (1.0, 10.0), "10-50 ms": (10.0, 5
             "1-50 ms": (1.0, 50.0)}
 CLASSES = ("gemm", "copy", "sleep")
 COPY_BUFFER_BYTES = 12 << 30
+NAME_SEPARATOR = "\x1f"  # joins a class's kernel names in a --raw-dir file
 # The host stays at most this far ahead of the GPU, so a meter's edges fall where the queue says they do.
 QUEUE_AHEAD_S = 0.15
 
@@ -155,9 +156,14 @@ def draw(k: Kernels, cls: str, band: tuple[float, float], total_s: float, rng: r
 
 
 def mean_temperature_c(meter) -> float | None:
-    """Mean of the GPU temperature readings around a closed meter's window (None where NVML has none)."""
+    """Mean of the GPU temperature readings inside a closed meter's window (None where there are none). The traces
+    reach two readings beyond each edge, which for a half-second stretch would be half of them."""
     series = meter.traces[0].series.get("temperature")
-    return float(np.mean(series[1])) if series is not None and len(series[1]) else None
+    if series is None:
+        return None
+    t, value = series
+    inside = (t >= meter.result.start_ns) & (t <= meter.result.stop_ns)
+    return float(np.mean(value[inside])) if inside.any() else None
 
 
 def mixed_plan(k: Kernels, band, total_s: float, rng: random.Random) -> tuple[list, list]:
@@ -254,7 +260,7 @@ def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s
                   "n_kernels": len(mix)}
     hot_w = None
     if hot:
-        out["hot_truth"] = hot_truth(wattscope, k, device, band, rng, **hot)
+        out["hot_truth"] = hot_truth(wattscope, k, device, band, **hot)
         hot_w = {c: v["power_w"] for c, v in out["hot_truth"].items()}
     truth_total = hot_total = 0.0
     for method in ("overlap", "model"):
@@ -282,20 +288,32 @@ def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s
     if hot_w is not None:
         out["mix"]["hot_closure"] = (hot_total + out["mix"]["overlap"]["idle_j"]) / r.energy_j - 1.0
     if raw_path:
-        # Everything an estimator gets, so that a changed estimator can be compared on these very readings:
-        # wattscope.kernels.attribute(KernelTimeline(...), t_ns, power_w, start_ns, stop_ns, response=...).
-        g, tl = r.gpus[0], m.kernel_attribution(method="overlap").timeline
+        g = r.gpus[0]
         from wattscope.sensor import sensor_model
 
         resp = sensor_model(g.name, m.traces[0].driver_version, g.source).response
-        np.savez_compressed(
-            raw_path, t_ns=g.t_ns, power_w=g.power_w, start_ns=r.start_ns, stop_ns=r.stop_ns,
-            tl_start_ns=tl.start_ns, tl_end_ns=tl.end_ns, tl_name=np.asarray(tl.name, dtype=str),
-            tl_kind=np.asarray(tl.kind, dtype=str), response=np.array([resp.kind, resp.shape_ns, resp.delay_ns], str),
-            classes=np.array(CLASSES), alone_power_w=np.array([out["classes"][c]["alone_power_w"] for c in CLASSES]),
-            class_names=np.array(["\x1f".join(sorted(names_of[c])) for c in CLASSES]),
-            hot_power_w=np.array([hot_w[c] for c in CLASSES]) if hot_w else np.zeros(0))
+        if resp is None:
+            print(f"--raw-dir: {g.name} has no sensor response (built in or calibrated): {raw_path} not written")
+        else:
+            timeline = m.kernel_attribution(method="overlap").timeline
+            save_raw(raw_path, g.t_ns, g.power_w, r.start_ns, r.stop_ns, timeline, resp,
+                     {c: out["classes"][c]["alone_power_w"] for c in CLASSES}, names_of, hot_w)
     return out
+
+
+def save_raw(path: str, t_ns, power_w, start_ns: int, stop_ns: int, timeline, response,
+             alone_power_w: dict[str, float], names_of: dict[str, set[str]], hot_power_w: dict[str, float] | None
+             ) -> None:
+    """Everything an estimator gets, so that a changed estimator can be judged on these very readings
+    (bench/ground_truth_replay.py reads it back)."""
+    np.savez_compressed(
+        path, t_ns=t_ns, power_w=power_w, start_ns=start_ns, stop_ns=stop_ns,
+        tl_start_ns=timeline.start_ns, tl_end_ns=timeline.end_ns, tl_name=np.asarray(timeline.name, dtype=str),
+        tl_kind=np.asarray(timeline.kind, dtype=str),
+        response=np.array([response.kind, response.shape_ns, response.delay_ns], str),
+        classes=np.array(CLASSES), alone_power_w=np.array([alone_power_w[c] for c in CLASSES]),
+        class_names=np.array([NAME_SEPARATOR.join(sorted(names_of[c])) for c in CLASSES]),
+        hot_power_w=np.array([hot_power_w[c] for c in CLASSES]) if hot_power_w else np.zeros(0))
 
 
 def _celsius(value: float | None) -> str:
@@ -339,8 +357,9 @@ def main() -> int:
     rng = random.Random(args.seed)
     hot = None
     if args.hot_stretches > 0:
-        hot = {"stretches": args.hot_stretches, "reheat_s": args.hot_reheat_s, "settle_s": args.hot_settle_s,
-               "measure_s": args.hot_measure_s}
+        # Its own random stream: with or without the hot truth, a seed draws the same mixes.
+        hot = {"rng": random.Random(args.seed + 1_000_003), "stretches": args.hot_stretches,
+               "reheat_s": args.hot_reheat_s, "settle_s": args.hot_settle_s, "measure_s": args.hot_measure_s}
     t0 = time.monotonic()
     k = Kernels(torch, args.device, max(hi for _, hi in BANDS_MS.values()), args.gemm_m, args.gemm_dtype)
     print(f"gemm class: {args.gemm_dtype} M = N = {args.gemm_m}")

@@ -25,8 +25,8 @@ A chunk's slowdown is 1 - its throughput / the mean throughput of its two neighb
 drift slower than a few chunks; a mode's figure is the median over its chunks with a bootstrap 95 % CI of that
 median. Each chunk opens its mode (untimed), runs one batch inside it (untimed: the first launches after enabling
 CUPTI pay its instrumentation), times --chunk-seconds of batches up to a final synchronize, and closes its mode
-(untimed, reported as the per-window cost). That is the steady-state cost of running under a meter; a window's own
-open and close are reported apart.
+(untimed, reported as the per-window cost). A `none` chunk starts after a 50 ms pause and two untimed batches. That
+is the steady-state cost of running under a meter; a window's own open and close are reported apart.
 
 Two phases, because CUPTI is never detached once a kernel meter has used it (wattscope does not finalize CUPTI;
 torch.profiler does, at the end of each session): phase 1 runs none_again and meter only, in a process that has
@@ -54,13 +54,19 @@ import numpy as np
 MODES = ("none_again", "meter", "meter_kernels", "meter_ranges", "torch_profiler")
 PRISTINE_MODES = ("none_again", "meter")  # phase 1: no CUPTI in the process yet
 GOALS = {"meter": 0.005, "meter_kernels": 0.03}  # the per-kernel issue's overhead goals
+SETTLE_S = 0.05
 
 
 def median_ci(values: list[float], rng: np.random.Generator, n_boot: int = 4000) -> tuple[float, float, float]:
-    """Median and a percentile-bootstrap 95 % CI of the median."""
+    """Median and a 95 % CI of the median from a moving-block bootstrap over the values in time order: neighbouring
+    chunks share a `none` chunk and the host's drift, so they are not independent (a plain bootstrap put an A/A
+    control's CI off zero)."""
     a = np.asarray(values, dtype=float)
-    meds = np.median(a[rng.integers(0, a.size, (n_boot, a.size))], axis=1)
-    lo, hi = np.percentile(meds, [2.5, 97.5])
+    n = a.size
+    block = max(1, min(n, round(n ** (1 / 3))))
+    starts = rng.integers(0, n - block + 1, (n_boot, -(-n // block)))
+    idx = (starts[:, :, None] + np.arange(block)).reshape(n_boot, -1)[:, :n]
+    lo, hi = np.percentile(np.median(a[idx], axis=1), [2.5, 97.5])
     return float(np.median(a)), float(lo), float(hi)
 
 
@@ -89,8 +95,8 @@ def main() -> int:
     args = ap.parse_args()
     modes_wanted = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes_wanted) - set(MODES))
-    if unknown:
-        ap.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    if unknown or not modes_wanted:
+        ap.error(f"--modes: give one or more of {', '.join(MODES)} (unknown: {unknown})")
 
     import timm
     import torch
@@ -139,7 +145,8 @@ def main() -> int:
           f"{n_chunk} batches a chunk")
 
     def loop(n: int, batch_range: str | None = None) -> dict:
-        """n batches, each inside an NVTX range of that name when given; wall and launching-thread CPU time."""
+        """n batches, each inside an NVTX range of that name when given: the wall time up to a final synchronize,
+        and the launching thread's CPU time before it (the synchronize spin-waits, which would count as CPU)."""
         torch.cuda.synchronize()
         t, cpu = time.perf_counter(), time.thread_time()
         for _ in range(n):
@@ -148,13 +155,18 @@ def main() -> int:
             else:
                 with torch.cuda.nvtx.range(batch_range):
                     step()
+        cpu_s = time.thread_time() - cpu
         torch.cuda.synchronize()
-        return {"s": time.perf_counter() - t, "cpu_s": time.thread_time() - cpu}
+        return {"s": time.perf_counter() - t, "cpu_s": cpu_s}
 
     first_seen: set[str] = set()
 
     def run_none() -> dict:
-        step()
+        # A settle before timing: right after a kernel meter or torch.profiler closed, the next none chunk ran
+        # 0.2-0.9 % slower than the others (session 6), which biased both modes it serves as neighbour for.
+        time.sleep(SETTLE_S)
+        for _ in range(2):
+            step()
         return loop(n_chunk)
 
     def run_meter() -> dict:

@@ -74,9 +74,9 @@ class PowerMeter:
     strict: raise ``GpuLostError`` (with the partial measurement attached) instead of warning when a GPU fails.
     kernels: ``True`` traces the GPU kernels with CUPTI (``m.kernels``: energy per kernel); start raises
         ``KernelTracingUnavailableError`` when CUPTI is missing. ``"auto"``: trace when possible, else measure energy
-        alone and say so in the result's ``uncertainty_reasons``. CUPTI's timestamps cost each launch ~0.3 us of GPU
-        time and 0.5-1.6 us of the launching thread's CPU time (H100): ~2 % on GPU-bound code, more where the host's
-        launches set the pace (bench/RESULTS.md).
+        alone and say so in the result's ``uncertainty_reasons``. Tracing costs ~0.3 us of GPU time per kernel
+        and 0.5-1.6 us of host time per launch (H100): ~2 % on GPU-bound code, more where the host's launches set
+        the pace (bench/RESULTS.md).
     ranges: with ``kernels``, also record user ranges: ``torch.cuda.nvtx.range`` / ``range_push`` / ``range_pop``
         and ``phase()``; ``m.ranges`` gives energy per range (ranges.py). It costs a CUPTI record per CUDA call, so
         it is off by default (bench/RESULTS.md has the measured cost).
