@@ -11,6 +11,8 @@ Modes:
                   own bias and resolution; a figure for a mode means something only where it differs from this one)
   meter           one PowerMeter() around the loop
   meter_kernels   one PowerMeter(kernels=True) around the loop
+  meter_kernels_only  the same with CUPTI's MEMCPY and MEMSET kinds off (CONCURRENT_KERNEL alone): do they add to
+                  the per-launch cost?
   meter_ranges    one PowerMeter(kernels=True, ranges=True) around the loop, an NVTX range around every batch
   torch_profiler  torch.profiler.profile(activities=[CPU, CUDA]) around the loop (the peer: what users run today
                   to see kernels)
@@ -51,7 +53,7 @@ import time
 
 import numpy as np
 
-MODES = ("none_again", "meter", "meter_kernels", "meter_ranges", "torch_profiler")
+MODES = ("none_again", "meter", "meter_kernels", "meter_kernels_only", "meter_ranges", "torch_profiler")
 PRISTINE_MODES = ("none_again", "meter")  # phase 1: no CUPTI in the process yet
 GOALS = {"meter": 0.005, "meter_kernels": 0.03}  # the per-kernel issue's overhead goals
 SETTLE_S = 0.05
@@ -179,10 +181,15 @@ def main() -> int:
         m.stop()
         return {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
 
-    def traced(ranges: bool, mode: str) -> dict:
+    def traced(ranges: bool, mode: str, copies: bool = True) -> dict:
+        from wattscope import _session  # the tracer's options: a bench knob, not public API
+
+        tracing = _session.current().kernel_tracing()
+        tracing.configure(memcpy=copies, memset=copies)  # for the run this meter starts
         t = time.perf_counter()
         m = wattscope.PowerMeter(args.device, kernels=True, ranges=ranges).start()
         open_s = time.perf_counter() - t
+        tracing.configure()
         step()
         r = loop(n_chunk, batch_range="batch" if ranges else None)
         t = time.perf_counter()
@@ -214,6 +221,7 @@ def main() -> int:
 
     runners = {"none_again": run_none, "meter": run_meter,
                "meter_kernels": lambda: traced(False, "meter_kernels"),
+               "meter_kernels_only": lambda: traced(False, "meter_kernels_only", copies=False),
                "meter_ranges": lambda: traced(True, "meter_ranges"), "torch_profiler": run_profiler}
 
     def tput(r: dict) -> float:
