@@ -52,24 +52,12 @@ import sys
 import time
 
 import numpy as np
+from paired_stats import median_ci
 
 MODES = ("none_again", "meter", "meter_kernels", "meter_kernels_only", "meter_ranges", "torch_profiler")
 PRISTINE_MODES = ("none_again", "meter")  # phase 1: no CUPTI in the process yet
 GOALS = {"meter": 0.005, "meter_kernels": 0.03}  # the per-kernel issue's overhead goals
 SETTLE_S = 0.05
-
-
-def median_ci(values: list[float], rng: np.random.Generator, n_boot: int = 4000) -> tuple[float, float, float]:
-    """Median and a 95 % CI of the median from a moving-block bootstrap over the values in time order: neighbouring
-    chunks share a `none` chunk and the host's drift, so they are not independent (a plain bootstrap put an A/A
-    control's CI off zero)."""
-    a = np.asarray(values, dtype=float)
-    n = a.size
-    block = max(1, min(n, round(n ** (1 / 3))))
-    starts = rng.integers(0, n - block + 1, (n_boot, -(-n // block)))
-    idx = (starts[:, :, None] + np.arange(block)).reshape(n_boot, -1)[:, :n]
-    lo, hi = np.percentile(np.median(a[idx], axis=1), [2.5, 97.5])
-    return float(np.median(a)), float(lo), float(hi)
 
 
 def verdict(goal: float, lo: float, hi: float) -> str:

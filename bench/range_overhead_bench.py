@@ -28,6 +28,8 @@ import statistics
 import sys
 import time
 
+import numpy as np
+from paired_stats import median_ci
 from workloads import interleaved_rounds
 
 
@@ -62,8 +64,9 @@ def main() -> int:
         torch.cuda.synchronize()
         t, cpu = time.perf_counter(), time.thread_time()
         body()
+        cpu_s = time.thread_time() - cpu  # before the final synchronize, whose spin-wait is not launch cost
         torch.cuda.synchronize()
-        return {"s": time.perf_counter() - t, "cpu_s": time.thread_time() - cpu}
+        return {"s": time.perf_counter() - t, "cpu_s": cpu_s}
 
     def run_none() -> dict:
         return timed(lambda: launches(n))
@@ -120,14 +123,16 @@ def main() -> int:
 
     print(f"\n{n} launches a run, {args.rounds} rounds; medians over rounds "
           "(extra: against `none` of the same round)\n")
-    print("| mode | wall per launch | extra per launch | CPU per launch | extra CPU per launch | extra per range "
-          "or phase | records per launch |")
+    print("| mode | wall per launch | extra per launch [95 % CI] | CPU per launch | extra CPU per launch | extra per "
+          "range or phase | records per launch |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     summary = {}
+    rng = np.random.default_rng(0)
     for mode, rs in runs.items():
         wall = statistics.median(r["s"] / n * 1e6 for r in rs)
         cpu = statistics.median(r["cpu_s"] / n * 1e6 for r in rs)
-        extra = statistics.median((r["s"] - b["s"]) / n * 1e6 for r, b in zip(rs, runs["none"], strict=True))
+        extra, extra_lo, extra_hi = median_ci([(r["s"] - b["s"]) / n * 1e6
+                                               for r, b in zip(rs, runs["none"], strict=True)], rng)
         extra_cpu = statistics.median((r["cpu_s"] - b["cpu_s"]) / n * 1e6
                                       for r, b in zip(rs, runs["none"], strict=True))
         per_group = "-"
@@ -137,9 +142,11 @@ def main() -> int:
                                              for r, b in zip(rs, runs[ref], strict=True))
             per_group = f"{per_group_us:.1f} us (vs {ref})"
         rec = statistics.median(r["records_per_launch"] for r in rs) if "records_per_launch" in rs[0] else None
-        summary[mode] = {"wall_us_per_launch": wall, "extra_us_per_launch": extra, "cpu_us_per_launch": cpu,
+        summary[mode] = {"wall_us_per_launch": wall, "extra_us_per_launch": extra,
+                         "extra_us_per_launch_ci95": [extra_lo, extra_hi], "cpu_us_per_launch": cpu,
                          "extra_cpu_us_per_launch": extra_cpu, "per_group": per_group, "records_per_launch": rec}
-        print(f"| {mode} | {wall:.3f} us | {extra:+.3f} us | {cpu:.3f} us | {extra_cpu:+.3f} us | {per_group} | "
+        print(f"| {mode} | {wall:.3f} us | {extra:+.3f} us [{extra_lo:+.3f}, {extra_hi:+.3f}] | {cpu:.3f} us | "
+              f"{extra_cpu:+.3f} us | {per_group} | "
               f"{'-' if rec is None else f'{rec:.3f}'} |")
     if args.json:
         with open(args.json, "w") as f:
