@@ -1,4 +1,5 @@
-"""Replay recorded ground-truth mixes through the per-kernel estimators, without a GPU.
+"""Recorded ground-truth mixes: their file format (save_raw, load_mix), and a replay of them through the per-kernel
+estimators, without a GPU.
 
     python bench/ground_truth_replay.py [DIR ...]     (default: bench/data/h100_ground_truth)
 
@@ -21,7 +22,7 @@ from wattscope.kernels import Attribution, KernelTimeline, attribute
 from wattscope.response import Response
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "h100_ground_truth"
-NAME_SEPARATOR = "\x1f"  # kernel_ground_truth.save_raw joins a class's kernel names with it
+NAME_SEPARATOR = "\x1f"  # joins a class's kernel names in a file
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,22 @@ class Mix:
     class_names: dict[str, set[str]]
     alone_power_w: dict[str, float]
     hot_power_w: dict[str, float] | None  # alone at the mix's temperature (kernel_ground_truth.py --hot-stretches)
+
+
+def save_raw(path: str, t_ns, power_w, start_ns: int, stop_ns: int, timeline: KernelTimeline, response: Response,
+             alone_power_w: dict[str, float], names_of: dict[str, set[str]], hot_power_w: dict[str, float] | None
+             ) -> None:
+    """Everything an estimator gets, and the truth: what kernel_ground_truth.py --raw-dir writes for each mix. The
+    classes are alone_power_w's keys, in its order."""
+    classes = list(alone_power_w)
+    np.savez_compressed(
+        path, t_ns=t_ns, power_w=power_w, start_ns=start_ns, stop_ns=stop_ns,
+        tl_start_ns=timeline.start_ns, tl_end_ns=timeline.end_ns, tl_name=np.asarray(timeline.name, dtype=str),
+        tl_kind=np.asarray(timeline.kind, dtype=str),
+        response=np.array([response.kind, response.shape_ns, response.delay_ns], str),
+        classes=np.array(classes), alone_power_w=np.array([alone_power_w[c] for c in classes]),
+        class_names=np.array([NAME_SEPARATOR.join(sorted(names_of[c])) for c in classes]),
+        hot_power_w=np.array([hot_power_w[c] for c in classes]) if hot_power_w else np.zeros(0))
 
 
 def load_mix(path: Path) -> Mix:

@@ -50,7 +50,6 @@ BANDS_MS = {"0.1-1 ms": (0.1, 1.0), "1-10 ms": (1.0, 10.0), "10-50 ms": (10.0, 5
             "1-50 ms": (1.0, 50.0)}
 CLASSES = ("gemm", "copy", "sleep")
 COPY_BUFFER_BYTES = 12 << 30
-NAME_SEPARATOR = "\x1f"  # joins a class's kernel names in a --raw-dir file
 # The host stays at most this far ahead of the GPU, so a meter's edges fall where the queue says they do.
 QUEUE_AHEAD_S = 0.15
 
@@ -295,25 +294,12 @@ def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s
         if resp is None:
             print(f"--raw-dir: {g.name} has no sensor response (built in or calibrated): {raw_path} not written")
         else:
+            from ground_truth_replay import save_raw  # the recorded-mix format: written here, read by the replay
+
             timeline = m.kernel_attribution(method="overlap").timeline
             save_raw(raw_path, g.t_ns, g.power_w, r.start_ns, r.stop_ns, timeline, resp,
                      {c: out["classes"][c]["alone_power_w"] for c in CLASSES}, names_of, hot_w)
     return out
-
-
-def save_raw(path: str, t_ns, power_w, start_ns: int, stop_ns: int, timeline, response,
-             alone_power_w: dict[str, float], names_of: dict[str, set[str]], hot_power_w: dict[str, float] | None
-             ) -> None:
-    """Everything an estimator gets, so that a changed estimator can be judged on these very readings
-    (bench/ground_truth_replay.py reads it back)."""
-    np.savez_compressed(
-        path, t_ns=t_ns, power_w=power_w, start_ns=start_ns, stop_ns=stop_ns,
-        tl_start_ns=timeline.start_ns, tl_end_ns=timeline.end_ns, tl_name=np.asarray(timeline.name, dtype=str),
-        tl_kind=np.asarray(timeline.kind, dtype=str),
-        response=np.array([response.kind, response.shape_ns, response.delay_ns], str),
-        classes=np.array(CLASSES), alone_power_w=np.array([alone_power_w[c] for c in CLASSES]),
-        class_names=np.array([NAME_SEPARATOR.join(sorted(names_of[c])) for c in CLASSES]),
-        hot_power_w=np.array([hot_power_w[c] for c in CLASSES]) if hot_power_w else np.zeros(0))
 
 
 def _celsius(value: float | None) -> str:

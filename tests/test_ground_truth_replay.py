@@ -89,7 +89,7 @@ def test_fitted_idle_power_is_physical_with_sub_millisecond_kernels(replay, mixe
     assert 50.0 <= att.idle_power_w <= 200.0, att.idle_power_w
 
 
-def test_raw_file_round_trips_through_the_replay(bench, replay, tmp_path):
+def test_raw_file_round_trips(replay, tmp_path):
     names = {"gemm": {"gemm_a", "gemm_b"}, "copy": {"[memcpy DtoD]"}, "sleep": {"sleep_kernel"}}
     start = np.array([100, 300, 500, 700], np.int64)
     timeline = KernelTimeline(start, start + 150, np.array(["gemm_a", "[memcpy DtoD]", "sleep_kernel", "gemm_b"],
@@ -100,8 +100,8 @@ def test_raw_file_round_trips_through_the_replay(bench, replay, tmp_path):
     response = Response("lowpass", 12.9e6, 3.85e6)
     alone = {"gemm": 640.0, "copy": 400.0, "sleep": 125.0}
     path = tmp_path / "mix_1-50ms.npz"
-    bench.save_raw(str(path), t_ns, power_w, 50, 950, timeline, response, alone, names, {"gemm": 641.0, "copy": 402.0,
-                                                                                          "sleep": 129.0})
+    replay.save_raw(str(path), t_ns, power_w, 50, 950, timeline, response, alone, names,
+                    {"gemm": 641.0, "copy": 402.0, "sleep": 129.0})
     mix = replay.load_mix(path)
     assert mix.band == "1-50ms" and (mix.start_ns, mix.stop_ns) == (50, 950)
     assert mix.response == response
@@ -112,7 +112,7 @@ def test_raw_file_round_trips_through_the_replay(bench, replay, tmp_path):
     assert list(mix.timeline.name) == list(timeline.name) and list(mix.timeline.kind) == list(timeline.kind)
     assert mix.class_names == names and mix.alone_power_w == alone
     assert mix.hot_power_w == {"gemm": 641.0, "copy": 402.0, "sleep": 129.0}
-    bench.save_raw(str(path), t_ns, power_w, 50, 950, timeline, response, alone, names, None)
+    replay.save_raw(str(path), t_ns, power_w, 50, 950, timeline, response, alone, names, None)
     assert replay.load_mix(path).hot_power_w is None
     with pytest.raises(ValueError, match="without a hot truth"):
         replay.class_errors(replay.load_mix(path), "overlap", hot=True)
