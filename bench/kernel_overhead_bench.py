@@ -150,6 +150,7 @@ def main() -> int:
         return {"s": time.perf_counter() - t, "cpu_s": cpu_s}
 
     first_seen: set[str] = set()
+    seen = {"records_per_batch": None}  # kernel records a batch makes, once a kernel meter has counted them
 
     def run_none() -> dict:
         # A settle before timing: right after a kernel meter or torch.profiler closed, the next none chunk ran
@@ -187,6 +188,7 @@ def main() -> int:
             first_seen.add(mode)
             tl = m.kernel_attribution(method="overlap").timeline
             r.update(records_per_batch=len(tl) / (n_chunk + 1), dropped=tl.dropped)
+            seen["records_per_batch"] = r["records_per_batch"]
         return r
 
     def run_profiler() -> dict:
@@ -235,7 +237,9 @@ def main() -> int:
                 ref_tput = (tput(before) + tput(after)) / 2
                 ref_cpu = (before["cpu_s"] + after["cpu_s"]) / 2
                 chunks.append({**r, "mode": mode, "round": rounds, "slowdown": 1 - tput(r) / ref_tput,
-                               "extra_cpu": r["cpu_s"] / ref_cpu - 1, "ref_images_per_s": ref_tput})
+                               "extra_cpu": r["cpu_s"] / ref_cpu - 1, "ref_images_per_s": ref_tput,
+                               "extra_s_per_batch": (r["s"] - (before["s"] + after["s"]) / 2) / n_chunk,
+                               "carry_over": tput(after) / tput(before) - 1})
                 extra = ""
                 if "records_per_batch" in r:
                     extra = f"  kernel records/batch {r['records_per_batch']:.1f} dropped {r['dropped']}"
@@ -268,16 +272,30 @@ def main() -> int:
             if mode in summary:
                 lo, hi = summary[mode]["slowdown_ci95"]
                 print(f"  {mode}: {verdict(goal, lo, hi)}")
+        # Per batch and per kernel launch (the records a kernel meter counted per batch): the cost in the units that
+        # carry over to other models; and whether a mode slows the none chunk after it (its "after" reference).
+        per_launch = seen["records_per_batch"]
+        print(f"\n{'mode':15} {'extra us/batch':>15} {'extra us/launch':>16} {'none after / before it':>23}")
+        for mode in modes:
+            cs = [c for c in chunks if c["mode"] == mode]
+            extra_us = statistics.median(c["extra_s_per_batch"] for c in cs) * 1e6
+            carry = statistics.median(c["carry_over"] for c in cs)
+            summary[mode].update(extra_us_per_batch=extra_us, carry_over_median=carry)
+            launch = "-"
+            if per_launch:
+                summary[mode]["extra_us_per_launch"] = extra_us / per_launch
+                launch = f"{extra_us / per_launch:+.3f}"
+            print(f"{mode:15} {extra_us:+15.1f} {launch:>16} {carry * 100:+22.2f} %")
         return {"chunks": chunks, "nones": nones, "summary": summary, "rounds": rounds}
 
     t_start = time.monotonic()
     out: dict = {"kind": kind, "per_batch_s": per_batch_s, "batches_per_chunk": n_chunk, "phases": {}}
     pristine = [m for m in PRISTINE_MODES if m in modes_wanted]
     if pristine:
-        out["phases"]["1 (no CUPTI yet)"] = phase("1 (no CUPTI yet)", pristine,
-                                                  args.budget_s * args.pristine_share)
-    rest_s = args.budget_s - (time.monotonic() - t_start)
-    out["phases"]["2 (every mode)"] = phase("2 (every mode)", modes_wanted, max(rest_s, 0.0))
+        name = "1 (no CUPTI yet)"
+        out["phases"][name] = phase(name, pristine, args.budget_s * args.pristine_share)
+    name = "2 (every mode)"
+    out["phases"][name] = phase(name, modes_wanted, max(args.budget_s - (time.monotonic() - t_start), 0.0))
 
     if args.top_seconds > 0:
         # One longer kernel-traced run, attributed: a sub-second window leaves the model too few readings to fit
