@@ -302,6 +302,20 @@ def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s
     return out
 
 
+def temperature_slopes(bands: list[dict]) -> dict[str, float]:
+    """Per class, the slope (W per degC) of its power alone against its temperature across the bands of one run:
+    mean temperatures where recorded, else maxima (runs before session 6's fix saved maxima only). The bands' runs
+    differ in kernel durations as well as temperature, so a slope is a hint, not a measurement of leakage."""
+    out = {}
+    for cls in CLASSES:
+        points = [(c.get("alone_temperature_c_mean") or c.get("alone_temperature_c_max"), c["alone_power_w"])
+                  for c in (b["classes"][cls] for b in bands)]
+        points = [(t, w) for t, w in points if t is not None]
+        if len({t for t, _ in points}) >= 2:
+            out[cls] = float(np.polyfit([t for t, _ in points], [w for _, w in points], 1)[0])
+    return out
+
+
 def _celsius(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} C"
 
@@ -389,6 +403,10 @@ def main() -> int:
                 print(f"   {'':6} hot truth {h['power_w']:7.1f} W at {_celsius(h['temperature_c_mean'])} mean "
                       f"({h['s']:.1f} s): overlap err {c['overlap']['hot_error'] * 100:+.2f}%, "
                       f"model err {c['model']['hot_error'] * 100:+.2f}%")
+    slopes = temperature_slopes(results)
+    if slopes:
+        print("power alone against temperature across the bands: "
+              + ", ".join(f"{c} {w:+.2f} W/C" for c, w in slopes.items()))
     print(f"\ntotal {time.monotonic() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
