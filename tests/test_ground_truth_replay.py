@@ -81,8 +81,7 @@ def test_fitted_idle_power_is_physical(replay, mixes, band):
     assert 50.0 <= att.idle_power_w <= 200.0, att.idle_power_w
 
 
-@pytest.mark.xfail(strict=True, reason="known: with 0.5 % idle time among 22k sub-ms kernels the fit holds idle at 0 W "
-                   "(harmless here: pinned at 100-130 W, idle moves the sleep class from +17.5 to +16.4 % only)")
+@pytest.mark.xfail(strict=True, reason="known: with 0.5 % idle time among 22k sub-ms kernels the fit holds idle at 0 W")
 def test_fitted_idle_power_is_physical_with_sub_millisecond_kernels(replay, mixes):
     (mix,) = [m for m in mixes if m.band == "0.1-1ms"]
     _, att = replay.class_errors(mix, "model")
