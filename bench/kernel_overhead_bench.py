@@ -14,6 +14,10 @@ Modes:
   meter_kernels_only  the same with CUPTI's MEMCPY and MEMSET kinds off (CONCURRENT_KERNEL alone): do they add to
                   the per-launch cost?
   meter_ranges    one PowerMeter(kernels=True, ranges=True) around the loop, an NVTX range around every batch
+  meter_kernels_paused  PowerMeter(kernels=True) with its tracing suspended for the timed loop (as for a
+                  torch.profiler session): does CUPTI's launch cost go once its kinds are disabled again?
+  meter_kernels_duty  PowerMeter(kernels=True) tracing one batch in every --duty-every, suspended for the others,
+                  the suspends and resumes timed with the loop: what tracing a sample of the run costs
   torch_profiler  torch.profiler.profile(activities=[CPU, CUDA]) around the loop (the peer: what users run today
                   to see kernels)
 --graph replays the forward pass as one captured CUDA graph instead of launching it eagerly.
@@ -54,7 +58,8 @@ import time
 import numpy as np
 from paired_stats import median_ci
 
-MODES = ("none_again", "meter", "meter_kernels", "meter_kernels_only", "meter_ranges", "torch_profiler")
+MODES = ("none_again", "meter", "meter_kernels", "meter_kernels_only", "meter_ranges", "meter_kernels_paused",
+         "meter_kernels_duty", "torch_profiler")
 PRISTINE_MODES = ("none_again", "meter")  # phase 1: no CUPTI in the process yet
 GOALS = {"meter": 0.005, "meter_kernels": 0.03}  # the per-kernel issue's overhead goals
 SETTLE_S = 0.05
@@ -78,6 +83,7 @@ def main() -> int:
     ap.add_argument("--pristine-share", type=float, default=0.3, help="share of the budget for phase 1")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--duty-every", type=int, default=4, help="meter_kernels_duty traces one batch in this many")
     ap.add_argument("--json")
     ap.add_argument("--top-kernels-md")
     ap.add_argument("--top-seconds", type=float, default=8.0,
@@ -191,6 +197,46 @@ def main() -> int:
             seen["records_per_batch"] = r["records_per_batch"]
         return r
 
+    def suspended(every: int, mode: str) -> dict:
+        """A kernel meter whose tracing is suspended for the batches not traced (every == 0: all of them), through
+        the same suspend/resume torch.profiler sessions use; the toggles count in the timed loop."""
+        from wattscope import _session
+
+        tracing = _session.current().kernel_tracing()
+        t = time.perf_counter()
+        m = wattscope.PowerMeter(args.device, kernels=True).start()
+        open_s = time.perf_counter() - t
+        step()
+        paused, toggles, toggle_s = False, 0, 0.0
+        torch.cuda.synchronize()
+        t, cpu = time.perf_counter(), time.thread_time()
+        for i in range(n_chunk):
+            want = every > 0 and i % every == 0
+            if want == paused:
+                t_toggle = time.perf_counter()
+                if paused:
+                    tracing.resume()
+                else:
+                    tracing.suspend("bench")
+                toggle_s += time.perf_counter() - t_toggle
+                paused, toggles = not paused, toggles + 1
+            step()
+        cpu_s = time.thread_time() - cpu
+        torch.cuda.synchronize()
+        r = {"s": time.perf_counter() - t, "cpu_s": cpu_s, "toggles": toggles, "toggle_s": toggle_s}
+        if paused:
+            tracing.resume()
+        t = time.perf_counter()
+        m.stop()
+        r.update(open_s=open_s, close_s=time.perf_counter() - t)
+        if mode not in first_seen:
+            first_seen.add(mode)
+            att = m.kernel_attribution(method="overlap")
+            untraced = att.table[att.table["name"] == "[untraced]"]
+            r.update(records_per_batch=len(att.timeline) / (n_chunk + 1), dropped=att.timeline.dropped,
+                     untraced_s=float(untraced["time_s"].sum()) if len(untraced) else 0.0)
+        return r
+
     def run_profiler() -> dict:
         from torch.profiler import ProfilerActivity, profile
 
@@ -212,7 +258,10 @@ def main() -> int:
     runners = {"none_again": run_none, "meter": run_meter,
                "meter_kernels": lambda: traced(False, "meter_kernels"),
                "meter_kernels_only": lambda: traced(False, "meter_kernels_only", copies=False),
-               "meter_ranges": lambda: traced(True, "meter_ranges"), "torch_profiler": run_profiler}
+               "meter_ranges": lambda: traced(True, "meter_ranges"),
+               "meter_kernels_paused": lambda: suspended(0, "meter_kernels_paused"),
+               "meter_kernels_duty": lambda: suspended(args.duty_every, "meter_kernels_duty"),
+               "torch_profiler": run_profiler}
 
     def tput(r: dict) -> float:
         return args.batch * n_chunk / r["s"]
@@ -243,6 +292,10 @@ def main() -> int:
                 extra = ""
                 if "records_per_batch" in r:
                     extra = f"  kernel records/batch {r['records_per_batch']:.1f} dropped {r['dropped']}"
+                if "untraced_s" in r:
+                    extra += f" untraced {r['untraced_s']:.3f} s"
+                if "toggles" in r:
+                    extra += f"  {r['toggles']} toggles, {r['toggle_s'] / max(r['toggles'], 1) * 1e3:.2f} ms each"
                 if "cuda_events_per_batch" in r:
                     extra = f"  profiler CUDA events/batch {r['cuda_events_per_batch']:.1f}"
                 print(f"  round {rounds:3} {mode:15} {tput(r):8.1f} img/s (none around it {ref_tput:8.1f}) "
@@ -286,6 +339,10 @@ def main() -> int:
                 summary[mode]["extra_us_per_launch"] = extra_us / per_launch
                 launch = f"{extra_us / per_launch:+.3f}"
             print(f"{mode:15} {extra_us:+15.1f} {launch:>16} {carry * 100:+22.2f} %")
+            toggled = [c["toggle_s"] / c["toggles"] for c in cs if c.get("toggles")]
+            if toggled:
+                summary[mode]["toggle_ms_median"] = statistics.median(toggled) * 1e3
+                print(f"{'':15} a suspend or resume takes {summary[mode]['toggle_ms_median']:.2f} ms (median)")
         return {"chunks": chunks, "nones": nones, "summary": summary, "rounds": rounds}
 
     t_start = time.monotonic()
