@@ -411,6 +411,10 @@ void KernelTracer::start() {
     failures_dropped_ = 0;
   }
   flushes_ = 0;
+  paused_ = false;
+  paused_stretches_.clear();
+  pauses_refused_ = 0;
+  quantum_ = 0;
   const CuptiSymbols& sym = cupti_->sym();
   try {
     cupti_->check("cuptiActivityRegisterCallbacks", sym.register_callbacks(on_buffer_request, on_buffer_complete));
@@ -461,9 +465,14 @@ void KernelTracer::stop() {
   std::lock_guard<std::mutex> lk(control_mu_);
   if (!running_) return;
   const CuptiSymbols& sym = cupti_->sym();
-  for (uint32_t kind : enabled_kinds_) {
-    if (const CUptiResult rc = sym.disable(kind); rc != CUPTI_SUCCESS) {
-      record_failure(cupti_->capture("cuptiActivityDisable", rc));
+  if (paused_) {
+    paused_stretches_.back().second = mono_now_ns();  // the kinds are disabled already
+    paused_ = false;
+  } else {
+    for (uint32_t kind : enabled_kinds_) {
+      if (const CUptiResult rc = sym.disable(kind); rc != CUPTI_SUCCESS) {
+        record_failure(cupti_->capture("cuptiActivityDisable", rc));
+      }
     }
   }
   enabled_kinds_.clear();
@@ -485,9 +494,73 @@ bool KernelTracer::flush(bool forced) {
   return flush_locked(forced);
 }
 
-bool KernelTracer::try_flush() {
+void KernelTracer::service() {
   std::unique_lock<std::mutex> lk(control_mu_, std::try_to_lock);
-  return lk.owns_lock() && flush_locked(false);
+  if (!lk.owns_lock() || !running_) return;
+  if (config_.duty_off_quanta > 0) {
+    if (quantum_++ % (uint64_t{config_.duty_off_quanta} + 1) == 0) {
+      resume_locked();
+    } else {
+      pause_locked();
+    }
+  }
+  flush_locked(false);
+}
+
+bool KernelTracer::pause() {
+  std::lock_guard<std::mutex> lk(control_mu_);
+  return pause_locked();
+}
+
+bool KernelTracer::resume() {
+  std::lock_guard<std::mutex> lk(control_mu_);
+  return resume_locked();
+}
+
+bool KernelTracer::pause_locked() {
+  if (!running_ || paused_) return false;
+  if (paused_stretches_.size() >= kMaxPausedStretches) {
+    pauses_refused_ += 1;
+    return false;
+  }
+  // Stamped before the first disable: a kernel launched from here on may be unrecorded.
+  const int64_t t_ns = mono_now_ns();
+  const CuptiSymbols& sym = cupti_->sym();
+  std::size_t done = 0;
+  for (; done < enabled_kinds_.size(); ++done) {
+    if (const CUptiResult rc = sym.disable(enabled_kinds_[done]); rc != CUPTI_SUCCESS) {
+      record_failure(cupti_->capture("cuptiActivityDisable", rc));
+      break;
+    }
+  }
+  if (done < enabled_kinds_.size()) {
+    // All or nothing: a half-paused tracer would record some kinds and report the stretch as untraced.
+    for (std::size_t i = 0; i < done; ++i) sym.enable(enabled_kinds_[i]);
+    return false;
+  }
+  paused_ = true;
+  paused_stretches_.emplace_back(t_ns, -1);
+  return true;
+}
+
+bool KernelTracer::resume_locked() {
+  if (!running_ || !paused_) return false;
+  const CuptiSymbols& sym = cupti_->sym();
+  std::size_t done = 0;
+  for (; done < enabled_kinds_.size(); ++done) {
+    if (const CUptiResult rc = sym.enable(enabled_kinds_[done]); rc != CUPTI_SUCCESS) {
+      record_failure(cupti_->capture("cuptiActivityEnable", rc));
+      break;
+    }
+  }
+  if (done < enabled_kinds_.size()) {
+    for (std::size_t i = 0; i < done; ++i) sym.disable(enabled_kinds_[i]);
+    return false;
+  }
+  // Stamped after the last enable: every kernel launched from here on is recorded.
+  paused_stretches_.back().second = mono_now_ns();
+  paused_ = false;
+  return true;
 }
 
 bool KernelTracer::flush_locked(bool forced) {
@@ -504,6 +577,11 @@ bool KernelTracer::flush_locked(bool forced) {
 bool KernelTracer::running() const {
   std::lock_guard<std::mutex> lk(control_mu_);
   return running_;
+}
+
+bool KernelTracer::paused() const {
+  std::lock_guard<std::mutex> lk(control_mu_);
+  return paused_;
 }
 
 void KernelTracer::take_clock_point(bool throw_on_failure) {
@@ -548,11 +626,16 @@ void KernelTracer::record_failure(CuptiFailure f) {
 
 TracerSnapshot KernelTracer::snapshot() const {
   std::shared_ptr<TracerCore> core;
+  TracerSnapshot out;
   {
     std::lock_guard<std::mutex> lk(control_mu_);
     core = core_;
+    for (const auto& [start_ns, stop_ns] : paused_stretches_) {
+      out.paused_start_ns.push_back(start_ns);
+      out.paused_stop_ns.push_back(stop_ns);
+    }
+    out.pauses_refused = pauses_refused_;
   }
-  TracerSnapshot out;
   if (core == nullptr) return out;
   CuptiClockFit clock;
   {
