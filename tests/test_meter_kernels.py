@@ -251,3 +251,39 @@ def test_an_injected_cuda_tool_turns_kernel_tracing_off_with_a_warning(fake, cup
     assert m.result.energy_j > 0
     with pytest.raises(MeasurementError, match="injected"):
         m.kernel_attribution()
+
+
+def test_a_duty_cycled_window_extrapolates_from_its_traced_quarters(fake, cupti) -> None:
+    fake.set_trace(0, [0.0], [300.0])
+    attempted, recorded = 0, 0
+    with PowerMeter(0, kernels=True, kernel_duty=0.5) as m:  # traced 0.25 s, paused 0.25 s, ...
+        t_end = time.monotonic() + 1.6
+        while time.monotonic() < t_end:
+            now_ns = time.monotonic_ns()
+            # A 4 ms kernel every 5 ms; a paused tracer records nothing (the fake makes records for enabled kinds).
+            recorded += cupti.fake_cupti_inject(KIND_KERNEL, 0, 7, b"k", now_ns - 4 * MS, now_ns, attempted)
+            attempted += 1
+            time.sleep(0.005)
+    capture = m._kernel_capture
+    assert capture.sampled and len(capture.paused) >= 2
+    assert 0.3 * attempted < recorded < 0.7 * attempted
+    att = m.kernel_attribution()
+    rows = att.table.set_index("name")
+    assert "[untraced]" not in rows.index
+    assert rows["energy_j"].sum() == pytest.approx(m.result.energy_j, rel=1e-9)
+    # Calls and time scaled up to the whole window: the attempts, give or take the edges and the sampling.
+    assert rows.loc["k", "calls"] == pytest.approx(attempted, rel=0.25)
+    assert rows.loc["k", "energy_j"] > 0.5 * m.result.energy_j
+    assert any("duty-cycled" in n for n in att.notes)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"kernels": True, "kernel_duty": 0}, "share of the time"),
+    ({"kernels": True, "kernel_duty": 1.5}, "share of the time"),
+    ({"kernels": True, "kernel_duty": "half"}, "share of the time"),
+    ({"kernel_duty": 0.25}, "needs kernel tracing"),
+    ({"kernels": True, "ranges": True, "kernel_duty": 0.25}, "does not combine with ranges"),
+])
+def test_bad_kernel_duty_says_what_to_do(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        PowerMeter(0, **kwargs)

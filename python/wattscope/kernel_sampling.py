@@ -1,0 +1,171 @@
+"""Duty-cycled kernel tracing: where the untraced time lies on the GPU, and energy per kernel extrapolated from the
+traced stretches to the whole window.
+
+Why: CUPTI's kernel tracing costs ~1.5 us of host time per launch (H100, bench/RESULTS.md), which slows code whose
+pace the host's launches set (eager PyTorch at small per-kernel work) by several percent, while disabled kinds cost
+nothing. ``PowerMeter(kernels=True, kernel_duty=0.25)`` has the sampler thread trace one quantum (0.25 s) in four
+and disable tracing for the others (KernelTracer::service), so the cost falls to about a quarter.
+
+Where the untraced time lies. The tracer stamps each pause on the host: ``[p, r]``, from just before the kinds were
+disabled to just after they were enabled again. The kernels launched in between have no record, and they run on the
+GPU later than they were launched, by however far the host runs ahead of the GPU. On the GPU they leave a hole in
+the recorded timeline: after the last recorded kernel launched before ``p``, before the first launched after ``r``
+(which cannot start before ``r``). A steady workload fills the hole with about as much GPU time as the pause lasted,
+so the hole of a pause is taken to be the first gap in the records (all streams merged) that ends after ``r`` and
+lasts at least half the pause, after the previous pause's hole; it is clipped to start no earlier than ``p`` (a
+kernel running before ``p`` was launched before it, so it would have a record). Where no such gap exists (a kernel
+spanning the pause, a workload that stopped launching), the host stretch itself is taken, and a note says so.
+
+Extrapolation. The traced stretches are a sample of the window (one quantum in every few, evenly spread), so the
+untraced time is taken to hold the same mix: each row's time and calls are scaled by window / traced time, and the
+untraced energy (measured, the ``[untraced]`` row of the attribution) is shared over the rows in proportion to their
+traced energy. The uncertainty adds the sampling error: how much a row's share of time varies from one traced
+stretch to the next (the standard error of a ratio estimator over the stretches), times the untraced time, times the
+row's mean power. This assumes the window's work is steady on the scale of the duty period (inference or training
+loops); a window whose work changes in a way that lines up with the duty period would be misread, so the sampled
+table says it is sampled (``notes``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from .kernels import IDLE, UNATTRIBUTED, UNTRACED, Attribution, KernelEnergy, KernelTimeline
+
+_NS_PER_S = 1e9
+HOLDER = "duty cycle"  # the holder named in a sampled window's untraced stretches
+# A hole must hold at least this share of its pause's length to be taken as the pause's (see the module docstring).
+_MIN_HOLE_SHARE = 0.5
+
+
+def busy_gaps(timeline: KernelTimeline) -> tuple[np.ndarray, np.ndarray]:
+    """The gaps between the records' merged busy intervals (all streams), as (starts, ends) in ns."""
+    if len(timeline) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(timeline.start_ns, kind="stable")
+    start = timeline.start_ns[order]
+    run_end = np.maximum.accumulate(timeline.end_ns[order])
+    gap = start[1:] > run_end[:-1]
+    return run_end[:-1][gap], start[1:][gap]
+
+
+def gpu_stretches(paused: list[tuple[int, int]], timeline: KernelTimeline) -> tuple[list[tuple[int, int]], int]:
+    """The GPU time the pauses ``[(p, r), ...]`` (host stamps, in order) left untraced, and how many of them fell
+    back to the host stretch (no hole found). ``timeline``: one GPU's records around the window."""
+    g0, g1 = busy_gaps(timeline)
+    out: list[tuple[int, int]] = []
+    fallbacks = 0
+    after = np.iinfo(np.int64).min  # the previous hole's end: each gap serves one pause
+    for p, r in paused:
+        need = _MIN_HOLE_SHARE * (r - p)
+        ok = np.flatnonzero((g1 > r) & (g1 - g0 >= need) & (g0 >= after))
+        if ok.size:
+            i = int(ok[0])
+            lo, hi = max(int(g0[i]), p), int(g1[i])
+        else:
+            lo, hi = p, r
+            fallbacks += 1
+        out.append((lo, hi))
+        after = hi
+    return out, fallbacks
+
+
+def _row_of_record(att: Attribution, group_by: str) -> np.ndarray:
+    """The row name of every record of ``att.timeline`` (its class, or [other] when merged)."""
+    tl = att.timeline
+    if group_by == "name" or tl.grid is None:
+        keys = tl.name.astype(str)
+    else:
+        keys = np.array([f"{n} <<<{g}>>>" for n, g in zip(tl.name.tolist(), tl.grid.tolist(), strict=True)], str)
+    names = {r.name for r in att.rows}
+    return np.array([k if k in names else "[other]" for k in keys.tolist()], dtype=object)
+
+
+def _overlap_ns(start: np.ndarray, end: np.ndarray, lo: int, hi: int) -> float:
+    return float(np.clip(np.minimum(end, hi) - np.maximum(start, lo), 0, None).sum())
+
+
+def _union_ns(start: np.ndarray, end: np.ndarray, lo: int, hi: int) -> float:
+    s, e = np.clip(start, lo, hi), np.clip(end, lo, hi)
+    keep = e > s
+    if not keep.any():
+        return 0.0
+    order = np.argsort(s[keep])
+    s, e = s[keep][order], e[keep][order]
+    run = np.maximum.accumulate(e)
+    starts_new = np.concatenate(([True], s[1:] > run[:-1]))
+    blocks = np.flatnonzero(starts_new)
+    ends = np.concatenate((run[blocks[1:] - 1], [run[-1]]))
+    return float((ends - s[blocks]).sum())
+
+
+def _ratio_se(tau: np.ndarray, length: np.ndarray) -> float:
+    """Standard error of sum(tau) / sum(length) over the stretches (ratio estimator); inf with fewer than 2."""
+    n = tau.size
+    if n < 2:
+        return math.inf
+    f = tau.sum() / length.sum()
+    mean_len = length.mean()
+    resid = (tau - f * length) / mean_len
+    return float(math.sqrt((resid**2).sum() / (n * (n - 1))))
+
+
+def extrapolate(att: Attribution, untraced: list[tuple[int, int]], group_by: str = "name") -> Attribution:
+    """``att`` (whose timeline holds the window's ``[untraced]`` stretches) with the untraced time and energy
+    shared over its rows, as the module docstring says. Returns ``att`` itself when nothing was untraced."""
+    a, b = att.start_ns, att.stop_ns
+    stretches = sorted((max(lo, a), min(hi, b)) for lo, hi in untraced if min(hi, b) > max(lo, a))
+    untraced_ns = float(sum(hi - lo for lo, hi in stretches))
+    window_ns = float(b - a)
+    traced_ns = window_ns - untraced_ns
+    by_name = {r.name: r for r in att.rows}
+    if untraced_ns <= 0 or UNTRACED not in by_name:
+        return att
+    if traced_ns <= 0:
+        return replace(att, notes=att.notes + ("no part of the window was traced: nothing to extrapolate from",))
+    # The traced spans: the window minus the untraced stretches.
+    edges = [a] + [x for s in stretches for x in s] + [b]
+    spans = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2) if edges[i + 1] > edges[i]]
+    span_len = np.array([hi - lo for lo, hi in spans], dtype=np.float64)
+
+    tl = att.timeline
+    row_of = _row_of_record(att, group_by)
+    real = row_of != UNTRACED
+    e_untraced = by_name[UNTRACED].energy_j
+    sharing = [r for r in att.rows if r.name not in (UNTRACED, UNATTRIBUTED)]
+    traced_j = sum(r.energy_j for r in sharing)
+    gain = 1.0 + e_untraced / traced_j if traced_j > 0 else 1.0
+    scale_t = window_ns / traced_ns
+
+    rows: list[KernelEnergy] = []
+    for r in sharing:
+        if r.name == IDLE:
+            sel = real
+            tau = np.array([(hi - lo) - _union_ns(tl.start_ns[sel], tl.end_ns[sel], lo, hi) for lo, hi in spans])
+        else:
+            sel = row_of == r.name
+            tau = np.array([_overlap_ns(tl.start_ns[sel], tl.end_ns[sel], lo, hi) for lo, hi in spans])
+        power_w = r.mean_power_w if math.isfinite(r.mean_power_w) else 0.0
+        se = _ratio_se(tau, span_len)
+        sampling_j = (power_w * untraced_ns / _NS_PER_S * se if math.isfinite(se)
+                      else r.energy_j * (gain - 1.0))  # one stretch: the extrapolated part is all uncertain
+        energy_j = r.energy_j * gain
+        time_s = r.time_s * scale_t
+        rows.append(KernelEnergy(
+            name=r.name, calls=round(r.calls * scale_t), time_s=time_s, energy_j=energy_j,
+            mean_power_w=energy_j / time_s if time_s > 0 else math.nan,
+            share=energy_j / att.energy_j if att.energy_j else math.nan,
+            uncertainty_j=math.hypot(r.uncertainty_j * gain, sampling_j),
+        ))
+    kernels = sorted((r for r in rows if r.name != IDLE), key=lambda r: r.energy_j, reverse=True)
+    rows = kernels + [r for r in rows if r.name == IDLE] + [by_name[UNATTRIBUTED]]
+    kernel_j = np.where(real, att.kernel_energy_j * gain, 0.0)
+    note = (f"kernels were traced for {traced_ns / window_ns:.0%} of the window ({len(spans)} stretches, "
+            f"duty-cycled): times, calls and energies include the untraced {untraced_ns / _NS_PER_S:.3f} s "
+            f"({e_untraced:.1f} J), extrapolated from the traced stretches; uncertainties include the sampling "
+            "error. Assumes the work is steady on the scale of the duty period.")
+    notes = tuple(n for n in att.notes if "were not traced for" not in n) + (note,)
+    return replace(att, rows=tuple(rows), kernel_energy_j=kernel_j, notes=notes)
