@@ -14,10 +14,11 @@ Modes:
   meter_kernels_only  the same with CUPTI's MEMCPY and MEMSET kinds off (CONCURRENT_KERNEL alone): do they add to
                   the per-launch cost?
   meter_ranges    one PowerMeter(kernels=True, ranges=True) around the loop, an NVTX range around every batch
-  meter_kernels_paused  PowerMeter(kernels=True) with its tracing suspended for the timed loop (as for a
-                  torch.profiler session): does CUPTI's launch cost go once its kinds are disabled again?
-  meter_kernels_duty  PowerMeter(kernels=True) tracing one batch in every --duty-every, suspended for the others,
-                  the suspends and resumes timed with the loop: what tracing a sample of the run costs
+  meter_kernels_paused  PowerMeter(kernels=True) with its tracer paused (KernelTracer.pause: kinds disabled, the
+                  recording kept) for the timed loop, the pause timed with it: does CUPTI's launch cost go once its
+                  kinds are disabled again, and what does a pause cost?
+  meter_kernels_duty  PowerMeter(kernels=True, kernel_duty=--duty): the sampler thread traces one quarter-second
+                  in 1/duty (use chunks of a second or more, so that each holds whole duty periods)
   torch_profiler  torch.profiler.profile(activities=[CPU, CUDA]) around the loop (the peer: what users run today
                   to see kernels)
 --graph replays the forward pass as one captured CUDA graph instead of launching it eagerly.
@@ -83,7 +84,7 @@ def main() -> int:
     ap.add_argument("--pristine-share", type=float, default=0.3, help="share of the budget for phase 1")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--duty-every", type=int, default=4, help="meter_kernels_duty traces one batch in this many")
+    ap.add_argument("--duty", type=float, default=0.25, help="meter_kernels_duty's kernel_duty")
     ap.add_argument("--json")
     ap.add_argument("--top-kernels-md")
     ap.add_argument("--top-seconds", type=float, default=8.0,
@@ -197,9 +198,8 @@ def main() -> int:
             seen["records_per_batch"] = r["records_per_batch"]
         return r
 
-    def suspended(every: int, mode: str) -> dict:
-        """A kernel meter whose tracing is suspended for the batches not traced (every == 0: all of them), through
-        the same suspend/resume torch.profiler sessions use; the toggles count in the timed loop."""
+    def paused() -> dict:
+        """A kernel meter whose tracer is paused for the timed loop (the pause timed with it), then resumed."""
         from wattscope import _session
 
         tracing = _session.current().kernel_tracing()
@@ -207,34 +207,41 @@ def main() -> int:
         m = wattscope.PowerMeter(args.device, kernels=True).start()
         open_s = time.perf_counter() - t
         step()
-        paused, toggles, toggle_s = False, 0, 0.0
+        tracer = tracing._active  # the recording KernelTracer: a bench probe, not public API
         torch.cuda.synchronize()
         t, cpu = time.perf_counter(), time.thread_time()
-        for i in range(n_chunk):
-            want = every > 0 and i % every == 0
-            if want == paused:
-                t_toggle = time.perf_counter()
-                if paused:
-                    tracing.resume()
-                else:
-                    tracing.suspend("bench")
-                toggle_s += time.perf_counter() - t_toggle
-                paused, toggles = not paused, toggles + 1
+        t_toggle = time.perf_counter()
+        tracer.pause()
+        pause_s = time.perf_counter() - t_toggle
+        for _ in range(n_chunk):
             step()
         cpu_s = time.thread_time() - cpu
         torch.cuda.synchronize()
-        r = {"s": time.perf_counter() - t, "cpu_s": cpu_s, "toggles": toggles, "toggle_s": toggle_s}
-        if paused:
-            tracing.resume()
+        r = {"s": time.perf_counter() - t, "cpu_s": cpu_s, "toggles": 1, "toggle_s": pause_s}
+        t_toggle = time.perf_counter()
+        tracer.resume()
+        r["resume_s"] = time.perf_counter() - t_toggle
         t = time.perf_counter()
         m.stop()
-        r.update(open_s=open_s, close_s=time.perf_counter() - t)
-        if mode not in first_seen:
-            first_seen.add(mode)
+        return {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
+
+    def duty_cycled() -> dict:
+        t = time.perf_counter()
+        m = wattscope.PowerMeter(args.device, kernels=True, kernel_duty=args.duty).start()
+        open_s = time.perf_counter() - t
+        step()
+        r = loop(n_chunk)
+        t = time.perf_counter()
+        m.stop()
+        r = {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
+        if "meter_kernels_duty" not in first_seen:
+            first_seen.add("meter_kernels_duty")
             att = m.kernel_attribution(method="overlap")
-            untraced = att.table[att.table["name"] == "[untraced]"]
-            r.update(records_per_batch=len(att.timeline) / (n_chunk + 1), dropped=att.timeline.dropped,
-                     untraced_s=float(untraced["time_s"].sum()) if len(untraced) else 0.0)
+            tl = att.timeline
+            real = tl.kind != "untraced"
+            r.update(records_per_batch=int(real.sum()) / (n_chunk + 1), dropped=tl.dropped,
+                     untraced_s=float((tl.end_ns[~real] - tl.start_ns[~real]).sum()) / 1e9,
+                     pauses=len(m._kernel_capture.paused))
         return r
 
     def run_profiler() -> dict:
@@ -259,8 +266,7 @@ def main() -> int:
                "meter_kernels": lambda: traced(False, "meter_kernels"),
                "meter_kernels_only": lambda: traced(False, "meter_kernels_only", copies=False),
                "meter_ranges": lambda: traced(True, "meter_ranges"),
-               "meter_kernels_paused": lambda: suspended(0, "meter_kernels_paused"),
-               "meter_kernels_duty": lambda: suspended(args.duty_every, "meter_kernels_duty"),
+               "meter_kernels_paused": paused, "meter_kernels_duty": duty_cycled,
                "torch_profiler": run_profiler}
 
     def tput(r: dict) -> float:
@@ -294,8 +300,10 @@ def main() -> int:
                     extra = f"  kernel records/batch {r['records_per_batch']:.1f} dropped {r['dropped']}"
                 if "untraced_s" in r:
                     extra += f" untraced {r['untraced_s']:.3f} s"
+                if "pauses" in r:
+                    extra += f" in {r['pauses']} pauses"
                 if "toggles" in r:
-                    extra += f"  {r['toggles']} toggles, {r['toggle_s'] / max(r['toggles'], 1) * 1e3:.2f} ms each"
+                    extra += f"  pause {r['toggle_s'] * 1e3:.3f} ms, resume {r['resume_s'] * 1e3:.3f} ms"
                 if "cuda_events_per_batch" in r:
                     extra = f"  profiler CUDA events/batch {r['cuda_events_per_batch']:.1f}"
                 print(f"  round {rounds:3} {mode:15} {tput(r):8.1f} img/s (none around it {ref_tput:8.1f}) "
@@ -339,10 +347,11 @@ def main() -> int:
                 summary[mode]["extra_us_per_launch"] = extra_us / per_launch
                 launch = f"{extra_us / per_launch:+.3f}"
             print(f"{mode:15} {extra_us:+15.1f} {launch:>16} {carry * 100:+22.2f} %")
-            toggled = [c["toggle_s"] / c["toggles"] for c in cs if c.get("toggles")]
-            if toggled:
-                summary[mode]["toggle_ms_median"] = statistics.median(toggled) * 1e3
-                print(f"{'':15} a suspend or resume takes {summary[mode]['toggle_ms_median']:.2f} ms (median)")
+            if any("toggles" in c for c in cs):
+                summary[mode]["pause_ms_median"] = statistics.median(c["toggle_s"] for c in cs) * 1e3
+                summary[mode]["resume_ms_median"] = statistics.median(c["resume_s"] for c in cs) * 1e3
+                print(f"{'':15} a pause takes {summary[mode]['pause_ms_median']:.3f} ms, a resume "
+                      f"{summary[mode]['resume_ms_median']:.3f} ms (medians, on the launching thread)")
         return {"chunks": chunks, "nones": nones, "summary": summary, "rounds": rounds}
 
     t_start = time.monotonic()
@@ -382,6 +391,28 @@ def main() -> int:
             with open(args.top_kernels_md, "w") as f:
                 f.write("\n".join(lines) + "\n")
         out.update(top_kernels=top.to_dict(orient="records"), method=att.method)
+        if "meter_kernels_duty" in modes_wanted:
+            # The same number of batches traced with the duty cycle: its extrapolated table against the full one.
+            with wattscope.PowerMeter(args.device, kernels=True, kernel_duty=args.duty) as md:
+                loop(n_top)
+            datt = md.kernel_attribution(method=att.method)
+            drows = datt.table.set_index("name")
+            print(f"\nthe same {n_top} batches with kernel_duty={args.duty:g} ({datt.method} estimator, window "
+                  f"{md.result.duration_s:.2f} s, {md.result.energy_j:.0f} J):")
+            for note in datt.notes:
+                print("  note:", note)
+            print(f"  {'kernel':60} {'full J':>9} {'duty J':>9} {'± J':>7} {'duty/full':>9} {'calls d/f':>9}")
+            compare = []
+            for _, row in top.iterrows():
+                d = drows.loc[row["name"]] if row["name"] in drows.index else None
+                dj = float(d["energy_j"]) if d is not None else 0.0
+                du = float(d["uncertainty_j"]) if d is not None else float("nan")
+                calls = float(d["calls"]) / row["calls"] if d is not None and row["calls"] else float("nan")
+                compare.append({"name": row["name"], "full_j": float(row["energy_j"]), "duty_j": dj,
+                                "duty_uncertainty_j": du, "calls_ratio": calls})
+                print(f"  {row['name'][:60]:60} {row['energy_j']:9.2f} {dj:9.2f} {du:7.2f} "
+                      f"{dj / row['energy_j']:9.3f} {calls:9.3f}")
+            out["duty_compare"] = {"duty": args.duty, "window_j": md.result.energy_j, "rows": compare}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

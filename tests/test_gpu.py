@@ -160,3 +160,32 @@ def test_torch_profiler_inside_a_kernel_window_keeps_its_events_and_tracing_resu
     with PowerMeter(0, kernels=True) as after:
         _matmuls(torch, a, 50)
     assert int((after.kernel_attribution().timeline.kind == "kernel").sum()) >= 50
+
+
+def test_duty_cycled_tracing_pauses_real_cupti_and_extrapolates():
+    # 1.6 s of paced matmuls (a sync every 20, so the host's launches follow the GPU, as in eager inference) with
+    # kernels traced half the time: the real CUPTI must stop recording while paused and start again after.
+    torch = pytest.importorskip("torch")
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    _matmuls(torch, a, 5)
+    with PowerMeter(0, kernels=True) as full:
+        _matmuls(torch, a, 20)
+    per_matmul = (full.kernel_attribution(method="overlap").timeline.kind == "kernel").sum() / 20
+    launched = 0
+    with PowerMeter(0, kernels=True, kernel_duty=0.5) as m:
+        t_end = time.monotonic() + 1.6
+        while time.monotonic() < t_end:
+            for _ in range(20):
+                a @ a
+            launched += 20
+            torch.cuda.synchronize()
+    capture = m._kernel_capture
+    assert capture.sampled and len(capture.paused) >= 2
+    att = m.kernel_attribution(method="overlap")
+    real = att.timeline.kind == "kernel"
+    assert 0.2 * launched * per_matmul < real.sum() < 0.8 * launched * per_matmul  # about half recorded
+    table = att.table.set_index("name")
+    assert "[untraced]" not in table.index
+    assert table["energy_j"].sum() == pytest.approx(m.result.energy_j, rel=1e-6)
+    gemm = table.drop(index=["[idle]", "[unattributed]"], errors="ignore")["calls"].sum()
+    assert gemm == pytest.approx(launched * per_matmul, rel=0.25)  # extrapolated back to about every launch
