@@ -99,6 +99,11 @@ if has run_vs; then
   mark run_vs
   python3 "$repo/bench/run_vs_inprocess.py" 2>&1 | tee "$OUT/run_vs_inprocess.txt"
 fi
+if has pause_stress; then  # is pausing CUPTI's kinds mid-recording safe? each way in a child process of its own
+  mark pause_stress
+  # shellcheck disable=SC2086
+  python3 "$repo/bench/pause_stress.py" ${PAUSE_ARGS:-} 2>&1 | tee "$OUT/pause_stress.txt"
+fi
 if has kernel_overhead; then
   mark kernel_overhead
   # shellcheck disable=SC2086
