@@ -17,6 +17,8 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 STAGES=" ${STAGES:-build tests calibrate accuracy overhead} "
 export PYTHONUNBUFFERED=1
+# A native abort (glibc's heap checks) then prints the Python stack of every thread: where it happened.
+export PYTHONFAULTHANDLER=1
 # One profile directory for every call on this machine: the calibration writes it, later stages measure with it.
 export WATTSCOPE_CACHE_DIR=${WATTSCOPE_CACHE_DIR:-/tmp/wattscope-cache}
 has() { [[ "$STAGES" == *" $1 "* ]]; }

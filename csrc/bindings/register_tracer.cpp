@@ -58,6 +58,7 @@ py::dict snapshot_to_dict(TracerSnapshot&& s) {
   out["range_id"] = to_numpy(std::move(s.range_id));
   out["range_pairs_lost"] = s.range_pairs_lost;
   out["buffers_refused"] = s.buffers_refused;
+  out["buffers_duplicate"] = s.buffers_duplicate;
   out["records_dropped"] = s.records_dropped;
   out["records_overflow"] = s.records_overflow;
   out["records_incomplete"] = s.records_incomplete;
@@ -132,6 +133,7 @@ void register_tracer(py::module_& m) {
         d["buffers_completed"] = st.buffers_completed;
         d["buffers_refused"] = st.buffers_refused;
         d["buffers_outstanding"] = st.buffers_outstanding;
+        d["buffers_duplicate"] = st.buffers_duplicate;
         d["records"] = st.records;
         d["clock_segments"] = st.clock_segments;
         d["ns_per_tick"] = st.ns_per_tick;

@@ -143,6 +143,8 @@ T read_at(const uint8_t* record, std::size_t offset) {
 
 }  // namespace
 
+std::vector<uint64_t> take_storage(std::size_t words);
+
 struct TracerCore {
   TracerCore(std::shared_ptr<CuptiLibrary> lib_in, const TracerConfig& config)
       : lib(std::move(lib_in)),
@@ -150,7 +152,8 @@ struct TracerCore {
         buffer_bytes(words_per_buffer * 8),
         capacity(config.capacity),
         range_pair_capacity(config.range_pair_capacity),
-        storage(words_per_buffer * config.buffer_count) {
+        storage(take_storage(words_per_buffer * config.buffer_count)),
+        busy(config.buffer_count, 0) {
     free_list.reserve(config.buffer_count);
     for (std::size_t i = config.buffer_count; i-- > 0;) {
       free_list.push_back(reinterpret_cast<uint8_t*>(storage.data() + i * words_per_buffer));
@@ -175,10 +178,25 @@ struct TracerCore {
     *buffer = free_list.back();
     *size = buffer_bytes;
     free_list.pop_back();
+    busy[index_of(*buffer)] = 1;
     outstanding += 1;
   }
 
-  // Returns true when the core is retired and CUPTI holds none of its buffers any more.
+  // From the complete callback, before parsing: whether CUPTI held this buffer. A buffer completed a second time
+  // (or one never handed out) is counted and left alone: parsing it again would count its records twice, and
+  // returning it twice would put it in the free list twice and let the pool go while CUPTI still holds it.
+  bool accept(const uint8_t* buffer) {
+    std::lock_guard<std::mutex> lk(pool_mu);
+    uint8_t& held = busy[index_of(buffer)];
+    if (held == 0) {
+      duplicates += 1;
+      return false;
+    }
+    held = 0;
+    return true;
+  }
+
+  // After parsing an accepted buffer. Returns true when the core is retired and CUPTI holds none of its buffers.
   bool give_back(uint8_t* buffer) {
     std::lock_guard<std::mutex> lk(pool_mu);
     free_list.push_back(buffer);
@@ -187,13 +205,19 @@ struct TracerCore {
     return retired && outstanding == 0;
   }
 
-  // A retired core whose buffers are all back frees its pool (the records stay): a window spanning many
-  // torch.profiler cycles keeps one stopped core per cycle. Called with registry().mu held, under which alone
-  // owns() reads the pool, so no callback can be looking at it.
-  void release_pool() {
+  std::size_t index_of(const uint8_t* buffer) const {
+    return static_cast<std::size_t>(buffer - reinterpret_cast<const uint8_t*>(storage.data())) / buffer_bytes;
+  }
+
+  // A retired core whose buffers are all back hands its pool to the registry's spares (the records stay): a
+  // window spanning many torch.profiler cycles keeps one stopped core per cycle, and the next recording reuses the
+  // memory. It is never given back to the heap, which a late write by CUPTI would corrupt (PyTorch saw exactly
+  // that: pytorch/pytorch#195471). Called with registry().mu held, under which alone owns() reads the pool, so no
+  // callback can be looking at it.
+  std::vector<uint64_t> release_pool() {
     std::lock_guard<std::mutex> lk(pool_mu);
-    std::vector<uint64_t>().swap(storage);
     std::vector<uint8_t*>().swap(free_list);
+    return std::move(storage);
   }
 
   void parse(uint8_t* buffer, size_t valid_bytes, CUcontext context, uint32_t stream) {
@@ -278,10 +302,12 @@ struct TracerCore {
   std::vector<uint64_t> storage;  // uint64_t: every buffer starts 8-byte aligned, as CUPTI requires
 
   std::mutex pool_mu;  // after registry().mu when both are held
+  std::vector<uint8_t> busy;  // per buffer: handed to CUPTI and not completed yet
   std::vector<uint8_t*> free_list;
   std::size_t outstanding = 0;
   uint64_t refused = 0;
   uint64_t completed = 0;
+  uint64_t duplicates = 0;  // completions of a buffer CUPTI did not hold (accept())
   bool retired = false;
 
   mutable std::mutex records_mu;
@@ -308,7 +334,12 @@ struct Registry {
   std::mutex mu;
   std::shared_ptr<TracerCore> active;
   std::vector<std::shared_ptr<TracerCore>> cores;
+  // Pools of retired cores, for the next ones (TracerCore::release_pool). Bounded by the most cores alive at once,
+  // plus kMaxSpares pools of sizes no longer asked for.
+  std::vector<std::vector<uint64_t>> spares;
 };
+
+constexpr std::size_t kMaxSpares = 4;
 
 Registry& registry() {
   static Registry* r = new Registry;
@@ -334,6 +365,13 @@ void on_buffer_request(uint8_t** buffer, size_t* size, size_t* max_records) {
   if (core != nullptr) core->take(buffer, size);
 }
 
+void keep_spare(Registry& reg, std::vector<uint64_t> pool) {
+  // Called with reg.mu held. Past kMaxSpares the oldest goes back to the heap: a pool of a size no recording asks
+  // for any more (tests shrink the pool), retired long ago.
+  reg.spares.push_back(std::move(pool));
+  if (reg.spares.size() > kMaxSpares) reg.spares.erase(reg.spares.begin());
+}
+
 void on_buffer_complete(CUcontext context, uint32_t stream, uint8_t* buffer, size_t /*size*/, size_t valid_bytes) {
   Registry& reg = registry();
   std::shared_ptr<TracerCore> core;
@@ -348,12 +386,12 @@ void on_buffer_complete(CUcontext context, uint32_t stream, uint8_t* buffer, siz
   }
   // Not one of ours: a buffer another client (Kineto) left inside CUPTI, handed back by the forced flush at our
   // start. Its owner may have freed it: do not read it; CUPTI no longer holds it either.
-  if (core == nullptr) return;
+  if (core == nullptr || !core->accept(buffer)) return;
   core->parse(buffer, valid_bytes, context, stream);
   if (core->give_back(buffer)) {
     std::lock_guard<std::mutex> lk(reg.mu);
     erase_core(reg, core.get());
-    core->release_pool();
+    keep_spare(reg, core->release_pool());
   }
 }
 
@@ -370,11 +408,24 @@ void retire(const std::shared_ptr<TracerCore>& core) {
   }
   if (idle) {
     erase_core(reg, core.get());
-    core->release_pool();
+    keep_spare(reg, core->release_pool());
   }
 }
 
 }  // namespace
+
+std::vector<uint64_t> take_storage(std::size_t words) {
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> lk(reg.mu);
+  for (auto it = reg.spares.begin(); it != reg.spares.end(); ++it) {
+    if (it->size() == words) {
+      std::vector<uint64_t> pool = std::move(*it);
+      reg.spares.erase(it);
+      return pool;
+    }
+  }
+  return std::vector<uint64_t>(words);
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // KernelTracer
@@ -646,6 +697,7 @@ TracerSnapshot KernelTracer::snapshot() const {
   {
     std::lock_guard<std::mutex> pool(core->pool_mu);
     out.buffers_refused = core->refused;
+    out.buffers_duplicate = core->duplicates;
   }
   std::lock_guard<std::mutex> rec(core->records_mu);
   const std::size_t n = core->records.size();
@@ -699,6 +751,7 @@ TracerStats KernelTracer::stats() const {
     st.buffers_completed = core->completed;
     st.buffers_refused = core->refused;
     st.buffers_outstanding = core->outstanding;
+    st.buffers_duplicate = core->duplicates;
   }
   {
     std::lock_guard<std::mutex> rec(core->records_mu);

@@ -89,6 +89,7 @@ struct State {
   long long offset_ticks = 0;
   uint32_t version = 130001;
   std::vector<HeldBuffer> held;  // the last one is filled; the others are full
+  HeldBuffer last_completed;     // for fake_cupti_complete_again
   unsigned long long dropped_unreported = 0;
   unsigned long long dropped_total = 0;
   FailRule rules[kFnCount];
@@ -103,6 +104,7 @@ struct State {
     offset_ticks = realtime_minus_mono_ns();
     version = 130001;
     held.clear();
+    last_completed = HeldBuffer{};
     dropped_unreported = 0;
     dropped_total = 0;
     for (auto& r : rules) r = FailRule{};
@@ -292,6 +294,7 @@ FAKE_CUPTI_EXPORT CUptiResult cuptiActivityFlushAll(uint32_t flag) {
     std::vector<HeldBuffer> keep;
     for (const HeldBuffer& b : s.held) (b.used > 0 || forced ? done : keep).push_back(b);
     s.held = std::move(keep);
+    if (!done.empty()) s.last_completed = done.back();
   }
   for (const HeldBuffer& b : done) complete(nullptr, 0, b.data, b.size, b.used);
   return CUPTI_SUCCESS;
@@ -447,6 +450,20 @@ FAKE_CUPTI_EXPORT unsigned long long fake_cupti_call_count(const char* function)
   State& s = state();
   std::lock_guard<std::mutex> lk(s.mu);
   return s.calls[fn];
+}
+
+FAKE_CUPTI_EXPORT int fake_cupti_complete_again(void) {
+  State& s = state();
+  HeldBuffer b;
+  CUpti_BuffersCallbackCompleteFunc complete = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    b = s.last_completed;
+    complete = s.complete;
+  }
+  if (b.data == nullptr || complete == nullptr) return 0;
+  complete(nullptr, 0, b.data, b.size, b.used);
+  return 1;
 }
 
 FAKE_CUPTI_EXPORT int fake_cupti_enabled(unsigned int kind) {

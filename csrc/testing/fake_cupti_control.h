@@ -54,6 +54,9 @@ FAKE_CUPTI_API int fake_cupti_inject(unsigned int kind, unsigned int device_id, 
 FAKE_CUPTI_API void fake_cupti_fail(const char* function, unsigned int after_calls, int code);
 // Calls of `function` so far, whatever they returned.
 FAKE_CUPTI_API unsigned long long fake_cupti_call_count(const char* function);
+// Completes the buffer the last flush completed once more, with the same valid bytes: a CUPTI that hands a buffer
+// back twice. Returns 0 when no buffer was completed yet.
+FAKE_CUPTI_API int fake_cupti_complete_again(void);
 // 1 when `kind` is enabled.
 FAKE_CUPTI_API int fake_cupti_enabled(unsigned int kind);
 // Buffers the fake holds (handed out by the product, not yet completed).

@@ -49,6 +49,7 @@ struct FakeControl {
   decltype(&fake_cupti_fail) fail = nullptr;
   decltype(&fake_cupti_call_count) call_count = nullptr;
   decltype(&fake_cupti_enabled) enabled = nullptr;
+  decltype(&fake_cupti_complete_again) complete_again = nullptr;
   decltype(&fake_cupti_buffers_held) buffers_held = nullptr;
   decltype(&fake_cupti_dropped_total) dropped_total = nullptr;
   decltype(&fake_cupti_set_version) set_version = nullptr;
@@ -83,6 +84,7 @@ bool load_fake(const std::string& path) {
   ok &= resolve(dl, "fake_cupti_fail", fake.fail);
   ok &= resolve(dl, "fake_cupti_call_count", fake.call_count);
   ok &= resolve(dl, "fake_cupti_enabled", fake.enabled);
+  ok &= resolve(dl, "fake_cupti_complete_again", fake.complete_again);
   ok &= resolve(dl, "fake_cupti_buffers_held", fake.buffers_held);
   ok &= resolve(dl, "fake_cupti_dropped_total", fake.dropped_total);
   ok &= resolve(dl, "fake_cupti_set_version", fake.set_version);
@@ -505,6 +507,38 @@ void test_pause_resume_records_the_untraced_stretch() {
   CHECK(t.failures().empty());
 }
 
+void test_a_buffer_completed_twice_is_counted_not_parsed_again() {
+  TracerConfig cfg;
+  cfg.buffer_bytes = 4096;
+  cfg.buffer_count = 2;
+  {
+    KernelTracer t(open_fake(), cfg);
+    t.start();
+    inject_kernel_now("k", 1, 1);
+    CHECK(t.flush());
+    CHECK_EQ(fake.complete_again(), 1);  // the same buffer, again: its record must not count twice
+    TracerSnapshot snap = t.snapshot();
+    CHECK_EQ(snap.start_ns.size(), 1u);
+    CHECK_EQ(snap.buffers_duplicate, 1u);
+    CHECK_EQ(t.stats().buffers_duplicate, 1u);
+    inject_kernel_now("k", 1, 2);  // the pool still works: one buffer handed out at a time
+    inject_kernel_now("k", 1, 3);
+    t.stop();
+    snap = t.snapshot();
+    CHECK_EQ(snap.start_ns.size(), 3u);
+    CHECK_EQ(t.stats().buffers_outstanding, 0u);
+    CHECK_EQ(fake.complete_again(), 1);  // after the stop (the pool kept as a spare): still ignored
+    CHECK_EQ(t.snapshot().start_ns.size(), 3u);
+  }
+  // A new recording of the same size reuses the retired pool (never freed while CUPTI might write to it).
+  KernelTracer again(open_fake(), cfg);
+  again.start();
+  inject_kernel_now("k2", 1, 4);
+  again.stop();
+  CHECK_EQ(again.snapshot().start_ns.size(), 1u);
+  CHECK_EQ(again.snapshot().buffers_duplicate, 0u);
+}
+
 void test_failed_resume_stays_paused_and_reports() {
   KernelTracer t(open_fake(), TracerConfig{});
   t.start();
@@ -726,6 +760,7 @@ const TestCase kTests[] = {
     {"concurrent_flush_stop_snapshot", test_concurrent_flush_stop_snapshot},
     {"pause_resume_records_the_untraced_stretch", test_pause_resume_records_the_untraced_stretch},
     {"failed_resume_stays_paused_and_reports", test_failed_resume_stays_paused_and_reports},
+    {"a_buffer_completed_twice_is_counted_not_parsed_again", test_a_buffer_completed_twice_is_counted_not_parsed_again},
     {"service_steps_the_duty_cycle", test_service_steps_the_duty_cycle},
     {"concurrent_service_and_stop", test_concurrent_service_and_stop},
 };

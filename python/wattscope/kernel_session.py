@@ -163,6 +163,11 @@ class KernelTracing:
             snaps = [t.snapshot() for t in self._segments]
             failures = tuple(f"{f['call']}: {f['message']} (CUPTI code {f['code']})"
                              for t in self._segments for f in t.failures())
+            twice = sum(int(snap["buffers_duplicate"]) for snap in snaps)
+            if twice:
+                # Seen nowhere yet; counted because a buffer handed back twice once meant heap corruption elsewhere.
+                failures += (f"CUPTI handed {twice} activity buffers back twice: ignored (their records counted "
+                             "once)",)
             untraced = tuple((max(int(a), start_ns), min(stop_ns if b is None else int(b), stop_ns), holder)
                              for a, b, holder in self._untraced if a < stop_ns and (b is None or b > start_ns))
             # Pauses whose hole may reach into the window: the GPU runs their kernels later than the host launched

@@ -104,6 +104,7 @@ struct TracerSnapshot {
   std::vector<uint64_t> range_id;
   uint64_t range_pairs_lost = 0;    // pairs parsed while `range_pair_capacity` was full (not dropped records)
   uint64_t buffers_refused = 0;     // request callbacks answered with no buffer (pool empty)
+  uint64_t buffers_duplicate = 0;   // completions of a buffer CUPTI did not hold (ignored: see TracerCore::accept)
   uint64_t records_dropped = 0;     // records CUPTI reports dropped (cuptiActivityGetNumDroppedRecords)
   uint64_t records_overflow = 0;    // records parsed while `capacity` was full
   uint64_t records_incomplete = 0;  // records with start = end = 0 (CUPTI could not time them)
@@ -121,6 +122,7 @@ struct TracerStats {
   uint64_t buffers_completed = 0;
   uint64_t buffers_refused = 0;
   std::size_t buffers_outstanding = 0;  // handed to CUPTI and not returned yet
+  uint64_t buffers_duplicate = 0;
   std::size_t records = 0;
   std::size_t clock_segments = 0;
   double ns_per_tick = 0.0;
