@@ -101,6 +101,14 @@ if has run_vs; then
   mark run_vs
   python3 "$repo/bench/run_vs_inprocess.py" 2>&1 | tee "$OUT/run_vs_inprocess.txt"
 fi
+if has exit_bisect; then  # which GPU tests leave the process aborting at exit? one pytest process per selection
+  mark exit_bisect
+  for sel in "duty" "not duty" "profiler" "nvtx" "kernel_meter_traces" "not duty and not profiler"; do
+    python3 -m pytest -q -p no:cacheprovider -m gpu -k "$sel" "$repo/tests" >/tmp/bisect.txt 2>&1
+    echo "-k '$sel': exit status $? | $(grep -E 'passed|failed' /tmp/bisect.txt | tail -1) | $(grep -E 'free\(\)|double free|corruption|Abort' /tmp/bisect.txt | head -2 | tr '\n' ' ')" \
+      | tee -a "$OUT/exit_bisect.txt"
+  done
+fi
 if has pause_stress; then  # is pausing CUPTI's kinds mid-recording safe? each way in a child process of its own
   mark pause_stress
   # shellcheck disable=SC2086

@@ -186,6 +186,9 @@ def test_duty_cycled_tracing_pauses_real_cupti_and_extrapolates():
     assert 0.2 * launched * per_matmul < real.sum() < 0.8 * launched * per_matmul  # about half recorded
     table = att.table.set_index("name")
     assert "[untraced]" not in table.index
-    assert table["energy_j"].sum() == pytest.approx(m.result.energy_j, rel=1e-6)
+    # The rows add up to the attribution's window energy; that integral and the meter's may differ in the last
+    # digits (each aligns the stamps with its own estimate of the sample period: 1.1e-6 apart in session 7).
+    assert table["energy_j"].sum() == pytest.approx(att.energy_j, rel=1e-9)
+    assert att.energy_j == pytest.approx(m.result.energy_j, rel=1e-4)
     gemm = table.drop(index=["[idle]", "[unattributed]"], errors="ignore")["calls"].sum()
     assert gemm == pytest.approx(launched * per_matmul, rel=0.25)  # extrapolated back to about every launch

@@ -267,10 +267,12 @@ def test_a_duty_cycled_window_extrapolates_from_its_traced_quarters(fake, cupti)
     capture = m._kernel_capture
     assert capture.sampled and len(capture.paused) >= 2
     assert 0.3 * attempted < recorded < 0.7 * attempted
+    for method in ("overlap", "model"):
+        table = m.kernel_attribution(method=method).table
+        assert table["energy_j"].sum() == pytest.approx(m.result.energy_j, rel=1e-9), method
     att = m.kernel_attribution()
     rows = att.table.set_index("name")
     assert "[untraced]" not in rows.index
-    assert rows["energy_j"].sum() == pytest.approx(m.result.energy_j, rel=1e-9)
     # Calls and time scaled up to the whole window: the attempts, give or take the edges and the sampling.
     assert rows.loc["k", "calls"] == pytest.approx(attempted, rel=0.25)
     assert rows.loc["k", "energy_j"] > 0.5 * m.result.energy_j
