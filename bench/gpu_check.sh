@@ -109,6 +109,18 @@ if has exit_bisect; then  # which GPU tests leave the process aborting at exit? 
       | tee -a "$OUT/exit_bisect.txt"
   done
 fi
+if has abort_trace; then  # the native stack of an abort at exit (bench/abort_backtrace.c), per pytest selection
+  mark abort_trace
+  cc -shared -fPIC -O1 -o /tmp/abort_bt.so "$repo/bench/abort_backtrace.c"
+  IFS=';' read -ra selections <<< "${ABORT_SELECTIONS:-profiler or kernel_meter_traces;not duty}"
+  for sel in "${selections[@]}"; do
+    LD_PRELOAD=/tmp/abort_bt.so python3 -m pytest -q -p no:cacheprovider -m gpu -k "$sel" "$repo/tests" \
+      >/tmp/abort.txt 2>&1
+    rc=$?
+    { echo "-k '$sel': exit status $rc | $(grep -E 'passed|failed' /tmp/abort.txt | tail -1)"
+      if [ $rc -ne 0 ]; then tail -45 /tmp/abort.txt; fi; } | tee -a "$OUT/abort_trace.txt"
+  done
+fi
 if has pause_stress; then  # is pausing CUPTI's kinds mid-recording safe? each way in a child process of its own
   mark pause_stress
   # shellcheck disable=SC2086
