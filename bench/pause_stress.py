@@ -6,9 +6,9 @@ and reports how each child ended.
     python3 bench/pause_stress.py [--cycles 60] [--variants pause,stop_start,meter]
 
 Variants:
-  pause           KernelTracer.pause() / resume() from the launching thread (since call 5 a pause disables the kinds
-                  and force-flushes; call 3 ran it without the flush, and with a flush added by hand: both clean, the
-                  flush losing 655 of 1200 records as untimed)
+  pause           KernelTracer.pause() / resume() from the launching thread (a resume force-flushes before enabling
+                  the kinds again, since session 7 call 7; call 3 ran it without a flush, and with a forced flush
+                  right after the pause: both clean, that flush losing 655 of 1200 records as untimed)
   stop_start      stop() and a new tracer's start(), as wattscope does around a torch.profiler session
   meter           PowerMeter(kernels=True, kernel_duty=0.5) for cycles x 0.5 s: the sampler thread's own pauses
 

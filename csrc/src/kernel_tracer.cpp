@@ -589,13 +589,6 @@ bool KernelTracer::pause_locked() {
     for (std::size_t i = 0; i < done; ++i) sym.enable(enabled_kinds_[i]);
     return false;
   }
-  // CUPTI's documented sequence between disabling a kind and enabling it again: a forced flush. Without it, two of
-  // three H100 overhead runs that paused while kernels launched died mid-run (a double free, a segfault; session 7);
-  // with it, a pause is what a stop was, which ran thousands of times cleanly. The price: kernels still running now
-  // come back untimed (records_incomplete) and their time joins the pause's hole in the records, as untraced.
-  if (const CUptiResult rc = sym.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED); rc != CUPTI_SUCCESS) {
-    record_failure(cupti_->capture("cuptiActivityFlushAll", rc));
-  }
   paused_ = true;
   paused_stretches_.emplace_back(t_ns, -1);
   return true;
@@ -604,6 +597,14 @@ bool KernelTracer::pause_locked() {
 bool KernelTracer::resume_locked() {
   if (!running_ || !paused_) return false;
   const CuptiSymbols& sym = cupti_->sym();
+  // CUPTI's documented sequence between disabling a kind and enabling it again: a forced flush. Without one, two of
+  // three H100 overhead runs that paused while kernels launched died mid-run (a double free, a segfault; session 7).
+  // Here rather than at the pause: a forced flush hands back the kernels still running untimed, and at the pause
+  // that lost the kernel running then (its time left as idle: the fit went wrong); a quarter-second later those
+  // have finished and come back whole.
+  if (const CUptiResult rc = sym.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED); rc != CUPTI_SUCCESS) {
+    record_failure(cupti_->capture("cuptiActivityFlushAll", rc));
+  }
   std::size_t done = 0;
   for (; done < enabled_kinds_.size(); ++done) {
     if (const CUptiResult rc = sym.enable(enabled_kinds_[done]); rc != CUPTI_SUCCESS) {

@@ -152,7 +152,7 @@ class KernelTracer {
   // cuptiActivityFlushAll (forced or not) and a clock point. Returns false when not running. Safe from any thread,
   // concurrently with stop(); never throws (failures go to failures()).
   bool flush(bool forced = false);
-  // Disable the kinds and force-flush without ending the recording (pause), or enable them again (resume): kernels
+  // Disable the kinds without ending the recording (pause), or force-flush and enable them again (resume): kernels
   // launched while paused get no record, and the recording keeps the paused stretch. Return whether the state
   // changed. Never throw: a failed enable leaves the tracer paused, a failed disable leaves it tracing (failures()
   // says which). No-op when not running.
