@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wattscope import MeasurementError, PowerMeter, _session
+from wattscope import ExperimentalWarning, MeasurementError, PowerMeter, _session
 from wattscope.kernel_session import KernelTracingUnavailableError
 
 pd = pytest.importorskip("pandas")
@@ -256,7 +256,9 @@ def test_an_injected_cuda_tool_turns_kernel_tracing_off_with_a_warning(fake, cup
 def test_a_duty_cycled_window_extrapolates_from_its_traced_quarters(fake, cupti) -> None:
     fake.set_trace(0, [0.0], [300.0])
     attempted, recorded = 0, 0
-    with PowerMeter(0, kernels=True, kernel_duty=0.5) as m:  # traced 0.25 s, paused 0.25 s, ...
+    with pytest.warns(ExperimentalWarning, match="not been run on a GPU"):
+        m = PowerMeter(0, kernels=True, kernel_duty=0.5)  # traced 0.25 s, paused 0.25 s, ...
+    with m:
         t_end = time.monotonic() + 1.6
         while time.monotonic() < t_end:
             now_ns = time.monotonic_ns()

@@ -61,6 +61,17 @@ class MeasurementWarning(UserWarning):
     """A measurement finished but something about it deserves attention (a lost GPU, poor coverage)."""
 
 
+class ExperimentalWarning(UserWarning):
+    """A feature that has not yet been measured enough to be trusted in production (the message says what is open)."""
+
+
+_DUTY_EXPERIMENTAL = (
+    "kernel_duty < 1 is experimental: pausing CUPTI mid-recording killed two of three long H100 runs of an earlier "
+    "version (heap corruption), and the current one, which force-flushes at each resume as CUPTI's guide asks, has "
+    "not been run on a GPU yet (bench/RESULTS.md, session 7); use kernel_duty=1 where a crash would cost you"
+)
+
+
 class PowerMeter:
     """Measure the energy of GPU work.
 
@@ -84,7 +95,8 @@ class PowerMeter:
         tracing runs for one quarter-second in n and is off for the others, which cuts its cost to about 1/n; the
         per-kernel table is then extrapolated from the traced stretches, with the sampling error in its
         uncertainty (kernel_sampling.py). For steady work (inference or training loops) whose launches the host
-        sets the pace of. Not with ``ranges``. The first kernel meter of a tracing run decides.
+        sets the pace of. Not with ``ranges``. The first kernel meter of a tracing run decides. Experimental: it
+        warns (``ExperimentalWarning``) until its current version has run cleanly on GPUs (bench/RESULTS.md).
     """
 
     def __init__(
@@ -497,6 +509,8 @@ def _duty_off_quanta(duty: float, kernels: bool | str, ranges: bool) -> int:
     if off and ranges:
         raise ValueError("kernel_duty < 1 does not combine with ranges=True: a range's kernels would be traced in "
                          "part, and ranges are not extrapolated; trace ranges with kernel_duty=1")
+    if off:
+        warnings.warn(_DUTY_EXPERIMENTAL, ExperimentalWarning, stacklevel=3)
     return off
 
 
