@@ -4,6 +4,7 @@
 #
 #   STAGES="build tests calibrate accuracy overhead sampler sweep" bash bench/gpu_check.sh
 #   STAGES="build calibrate kernels coexist kernel_overhead" bash bench/gpu_check.sh   (per-kernel validation)
+#   STAGES="build exit_bisect abort_trace pause_stress" bash bench/gpu_check.sh   (hunting the crashes of session 7)
 #
 # sampler_start launches the 10-minute sampler run in its own process session so that it outlives this call (the
 # machine stays warm between calls); sampler_collect, in a later call, waits for it and copies its log.
