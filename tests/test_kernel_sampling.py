@@ -194,3 +194,44 @@ def test_one_traced_stretch_states_the_extrapolated_part_as_all_uncertain():
     assert extra > 0
     assert out["gemm"].uncertainty_j >= extra * (1 - 1e-9)
     assert math.isfinite(out["gemm"].uncertainty_j)
+
+
+def test_a_pause_older_than_the_records_kept_does_not_take_the_next_pauses_hole():
+    # The capture keeps records from a second before the window, but pauses whose resume falls in that second: the
+    # first such pause began before the first record kept. Its hole must not be looked for in the next pause's.
+    launch = T0 + np.arange(6000) * MS
+    tl = timeline_of(launch + 20_000, launch + 820_000, ["k"] * launch.size)
+    pauses = duty_pauses(T0, T0 + 6000 * MS, 3)
+    kept = launched_outside(tl, launch, pauses)
+    full, fallbacks_full = gpu_stretches(pauses, kept)
+    assert fallbacks_full <= 1  # at most the last pause, which reaches the end of the work
+    cut = pauses[1][0] + 300 * MS  # inside the second pause
+    trimmed = kept.take(np.flatnonzero(kept.end_ns >= cut))
+    holes, _ = gpu_stretches(pauses[1:], trimmed)
+    assert holes[0][0] == pauses[1][0]  # from the pause, as nothing before the records is known
+    assert holes[0][1] == full[1][1]  # ending where the full timeline's hole ends
+    assert holes[1:] == full[2:]  # every later pause keeps its own hole
+
+
+def test_a_pause_still_running_at_the_end_and_a_gpu_that_ran_nothing_need_no_fallback():
+    launch = T0 + np.arange(1000) * MS
+    tl = timeline_of(launch + 20_000, launch + 820_000, ["k"] * launch.size)
+    p, r = T0 + 900 * MS + 900_000, T0 + 1500 * MS  # the work ends at 1 s, the pause at 1.5 s
+    (lo, hi), = gpu_stretches([(p, r)], launched_outside(tl, launch, [(p, r)]))[0]
+    assert lo == p and hi == r + 1
+    assert gpu_stretches([(p, r)], KernelTimeline.empty()) == ([(p, r + 1)], 0)
+
+
+def test_overlapping_untraced_stretches_count_once():
+    tl, launch = steady_batches(T0, 1000, seed=4, scale=2.0)
+    b = int(tl.end_ns.max()) + 100 * MS
+    t, p = sense(tl, T0, b, seed=4)
+    pauses = duty_pauses(T0, b, 3)
+    kept = launched_outside(tl, launch, pauses)
+    holes, _ = gpu_stretches(pauses, kept)
+    doubled = holes + [(lo + 10 * MS, hi - 10 * MS) for lo, hi in holes]  # each hole once more, inside itself
+    att = attribute(with_untraced(kept, holes), t, p, T0, b, response=H100, method="model")
+    once = {r.name: r for r in extrapolate(att, holes).rows}
+    twice = {r.name: r for r in extrapolate(att, doubled).rows}
+    for name, row in once.items():
+        assert twice[name].calls == row.calls and twice[name].time_s == pytest.approx(row.time_s), name

@@ -285,6 +285,7 @@ def test_a_duty_cycled_window_extrapolates_from_its_traced_quarters(fake, cupti)
     ({"kernels": True, "kernel_duty": 0}, "share of the time"),
     ({"kernels": True, "kernel_duty": 1.5}, "share of the time"),
     ({"kernels": True, "kernel_duty": "half"}, "share of the time"),
+    ({"kernels": True, "kernel_duty": 1e-300}, "share of the time"),
     ({"kernel_duty": 0.25}, "needs kernel tracing"),
     ({"kernels": True, "ranges": True, "kernel_duty": 0.25}, "does not combine with ranges"),
 ])

@@ -187,6 +187,12 @@ struct TracerCore {
   // returning it twice would put it in the free list twice and let the pool go while CUPTI still holds it.
   bool accept(const uint8_t* buffer) {
     std::lock_guard<std::mutex> lk(pool_mu);
+    // owns() was checked under the registry's lock, released since: a pool released meanwhile (another thread's
+    // completion, a stop) is empty now, and nothing of it may be read.
+    if (!owns(buffer) || index_of(buffer) >= busy.size()) {
+      duplicates += 1;
+      return false;
+    }
     uint8_t& held = busy[index_of(buffer)];
     if (held == 0) {
       duplicates += 1;
@@ -211,9 +217,10 @@ struct TracerCore {
 
   // A retired core whose buffers are all back hands its pool to the registry's spares (the records stay): a
   // window spanning many torch.profiler cycles keeps one stopped core per cycle, and the next recording reuses the
-  // memory. It is never given back to the heap, which a late write by CUPTI would corrupt (PyTorch saw exactly
-  // that: pytorch/pytorch#195471). Called with registry().mu held, under which alone owns() reads the pool, so no
-  // callback can be looking at it.
+  // memory rather than giving it back to the heap, which a late write by CUPTI would corrupt (PyTorch saw exactly
+  // that: pytorch/pytorch#195471). Limits: past kMaxSpares the oldest spare is freed after all; and a late or
+  // duplicate completion of an old buffer reaching a pool reused at the same address is taken for the new core's.
+  // Called with registry().mu held (the completion callback's owns() lookup) and takes pool_mu (accept's).
   std::vector<uint64_t> release_pool() {
     std::lock_guard<std::mutex> lk(pool_mu);
     std::vector<uint8_t*>().swap(free_list);
@@ -585,7 +592,9 @@ bool KernelTracer::pause_locked() {
     }
   }
   if (done < enabled_kinds_.size()) {
-    // All or nothing: a half-paused tracer would record some kinds and report the stretch as untraced.
+    // All or nothing: a half-paused tracer would record some kinds and report the stretch as untraced. Enabled
+    // again after a forced flush, as a resume does (resume_locked says why).
+    sym.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
     for (std::size_t i = 0; i < done; ++i) sym.enable(enabled_kinds_[i]);
     return false;
   }

@@ -52,16 +52,39 @@ def busy_gaps(timeline: KernelTimeline) -> tuple[np.ndarray, np.ndarray]:
     return run_end[:-1][gap], start[1:][gap]
 
 
+def merge_stretches(stretches: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with overlapping or touching stretches merged (a fallback host stretch may overlap a hole, a duty hole
+    a torch.profiler stretch)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(stretches):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 def gpu_stretches(paused: list[tuple[int, int]], timeline: KernelTimeline) -> tuple[list[tuple[int, int]], int]:
     """The GPU time the pauses ``[(p, r), ...]`` (host stamps, in order) left untraced, and how many of them fell
-    back to the host stretch (no hole found). ``timeline``: one GPU's records around the window."""
+    back to the host stretch (no hole found). ``timeline``: one GPU's records around the window.
+
+    The time before the first record and after the last count as gaps too: the records kept reach only a second
+    before the window, so an earlier pause's hole may begin before them, and a pause still running at the window's
+    end (or on a GPU that ran nothing) has no record after it."""
     g0, g1 = busy_gaps(timeline)
+    last_r = max((r for _, r in paused), default=0)
+    if len(timeline):
+        g0 = np.concatenate(([np.iinfo(np.int64).min], g0, [int(timeline.end_ns.max())]))
+        g1 = np.concatenate(([int(timeline.start_ns.min())], g1, [last_r + 1]))
+    else:
+        g0, g1 = np.array([np.iinfo(np.int64).min]), np.array([last_r + 1])
     out: list[tuple[int, int]] = []
     fallbacks = 0
     after = np.iinfo(np.int64).min  # the previous hole's end: each gap serves one pause
     for p, r in paused:
         need = _MIN_HOLE_SHARE * (r - p)
-        ok = np.flatnonzero((g1 > r) & (g1 - g0 >= need) & (g0 >= after))
+        # The gap's length counted from the pause at the earliest (the sentinel before the records is unbounded).
+        ok = np.flatnonzero((g1 > r) & (g1 - np.maximum(g0, p) >= need) & (g0 >= after) & (g1 > after))
         if ok.size:
             i = int(ok[0])
             lo, hi = max(int(g0[i]), p), int(g1[i])
@@ -69,7 +92,7 @@ def gpu_stretches(paused: list[tuple[int, int]], timeline: KernelTimeline) -> tu
             lo, hi = p, r
             fallbacks += 1
         out.append((lo, hi))
-        after = hi
+        after = max(after, hi)
     return out, fallbacks
 
 
@@ -117,13 +140,16 @@ def extrapolate(att: Attribution, untraced: list[tuple[int, int]], group_by: str
     """``att`` (whose timeline holds the window's ``[untraced]`` stretches) with the untraced time and energy
     shared over its rows, as the module docstring says. Returns ``att`` itself when nothing was untraced."""
     a, b = att.start_ns, att.stop_ns
-    stretches = sorted((max(lo, a), min(hi, b)) for lo, hi in untraced if min(hi, b) > max(lo, a))
+    stretches = merge_stretches([(max(lo, a), min(hi, b)) for lo, hi in untraced if min(hi, b) > max(lo, a)])
     untraced_ns = float(sum(hi - lo for lo, hi in stretches))
     window_ns = float(b - a)
     traced_ns = window_ns - untraced_ns
     by_name = {r.name: r for r in att.rows}
-    if untraced_ns <= 0 or UNTRACED not in by_name:
+    if untraced_ns <= 0:
         return att
+    if UNTRACED not in by_name:
+        return replace(att, notes=att.notes + (f"not extrapolated: the estimator merged {UNTRACED} into another "
+                                               "row (too little untraced time to fit)",))
     if traced_ns <= 0:
         return replace(att, notes=att.notes + ("no part of the window was traced: nothing to extrapolate from",))
     # The traced spans: the window minus the untraced stretches.
@@ -135,9 +161,14 @@ def extrapolate(att: Attribution, untraced: list[tuple[int, int]], group_by: str
     row_of = _row_of_record(att, group_by)
     real = row_of != UNTRACED
     e_untraced = by_name[UNTRACED].energy_j
+    u_untraced = by_name[UNTRACED].uncertainty_j
     sharing = [r for r in att.rows if r.name not in (UNTRACED, UNATTRIBUTED)]
     traced_j = sum(r.energy_j for r in sharing)
-    gain = 1.0 + e_untraced / traced_j if traced_j > 0 else 1.0
+    if traced_j <= 0 or e_untraced < 0:
+        return replace(att, notes=att.notes + (
+            f"not extrapolated: the traced stretches hold {traced_j:.1f} J and the untraced ones {e_untraced:.1f} J, "
+            "which cannot be shared out",))
+    gain = 1.0 + e_untraced / traced_j
     scale_t = window_ns / traced_ns
 
     rows: list[KernelEnergy] = []
@@ -158,7 +189,9 @@ def extrapolate(att: Attribution, untraced: list[tuple[int, int]], group_by: str
             name=r.name, calls=round(r.calls * scale_t), time_s=time_s, energy_j=energy_j,
             mean_power_w=energy_j / time_s if time_s > 0 else math.nan,
             share=energy_j / att.energy_j if att.energy_j else math.nan,
-            uncertainty_j=math.hypot(r.uncertainty_j * gain, sampling_j),
+            # The untraced energy's own uncertainty (the window's, left with [untraced] by the model), shared too.
+            uncertainty_j=math.sqrt((r.uncertainty_j * gain) ** 2 + sampling_j**2
+                                    + (u_untraced * r.energy_j / traced_j) ** 2),
         ))
     kernels = sorted((r for r in rows if r.name != IDLE), key=lambda r: r.energy_j, reverse=True)
     rows = kernels + [r for r in rows if r.name == IDLE] + [by_name[UNATTRIBUTED]]

@@ -379,7 +379,7 @@ def attribute_gpu(
                       "stretches were taken as untraced",)
     if untraced:
         timeline = KernelTimeline.concat([timeline, _untraced_records(tuple(untraced), gpu.cuda_index)])
-        total_ns = sum(b - a for a, b, _ in untraced)
+        total_ns = sum(b - a for a, b in kernel_sampling.merge_stretches([(a, b) for a, b, _ in untraced]))
         reasons = sorted({h for _, _, h in untraced})
         notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({'; '.join(reasons)}): that "
                   "time's energy is the [untraced] row",)

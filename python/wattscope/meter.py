@@ -501,8 +501,8 @@ _last_counter_request_ns = -_COUNTER_REQUEST_MIN_NS
 
 def _duty_off_quanta(duty: float, kernels: bool | str, ranges: bool) -> int:
     """kernel_duty as the tracer's pauses per traced quantum (1/duty - 1, rounded), with the errors users need."""
-    if isinstance(duty, bool) or not isinstance(duty, (int, float)) or not 0 < duty <= 1:
-        raise ValueError(f"kernel_duty must be a share of the time in (0, 1], e.g. 0.25; got {duty!r}")
+    if isinstance(duty, bool) or not isinstance(duty, (int, float)) or not 0.001 <= duty <= 1:
+        raise ValueError(f"kernel_duty must be a share of the time in [0.001, 1], e.g. 0.25; got {duty!r}")
     off = round(1 / duty) - 1
     if off and not kernels:
         raise ValueError("kernel_duty needs kernel tracing: PowerMeter(kernels=True, kernel_duty=0.25)")
