@@ -583,21 +583,7 @@ bool KernelTracer::pause_locked() {
   }
   // Stamped before the first disable: a kernel launched from here on may be unrecorded.
   const int64_t t_ns = mono_now_ns();
-  const CuptiSymbols& sym = cupti_->sym();
-  std::size_t done = 0;
-  for (; done < enabled_kinds_.size(); ++done) {
-    if (const CUptiResult rc = sym.disable(enabled_kinds_[done]); rc != CUPTI_SUCCESS) {
-      record_failure(cupti_->capture("cuptiActivityDisable", rc));
-      break;
-    }
-  }
-  if (done < enabled_kinds_.size()) {
-    // All or nothing: a half-paused tracer would record some kinds and report the stretch as untraced. Enabled
-    // again after a forced flush, as a resume does (resume_locked says why).
-    sym.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
-    for (std::size_t i = 0; i < done; ++i) sym.enable(enabled_kinds_[i]);
-    return false;
-  }
+  if (!switch_kinds_locked(false)) return false;
   paused_ = true;
   paused_stretches_.emplace_back(t_ns, -1);
   return true;
@@ -605,30 +591,37 @@ bool KernelTracer::pause_locked() {
 
 bool KernelTracer::resume_locked() {
   if (!running_ || !paused_) return false;
-  const CuptiSymbols& sym = cupti_->sym();
   // CUPTI's documented sequence between disabling a kind and enabling it again: a forced flush. Without one, two of
   // three H100 overhead runs that paused while kernels launched died mid-run (a double free, a segfault; session 7).
   // Here rather than at the pause: a forced flush hands back the kernels still running untimed, and at the pause
   // that lost the kernel running then (its time left as idle: the fit went wrong); a quarter-second later those
   // have finished and come back whole.
-  if (const CUptiResult rc = sym.flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED); rc != CUPTI_SUCCESS) {
+  if (const CUptiResult rc = cupti_->sym().flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED); rc != CUPTI_SUCCESS) {
     record_failure(cupti_->capture("cuptiActivityFlushAll", rc));
   }
-  std::size_t done = 0;
-  for (; done < enabled_kinds_.size(); ++done) {
-    if (const CUptiResult rc = sym.enable(enabled_kinds_[done]); rc != CUPTI_SUCCESS) {
-      record_failure(cupti_->capture("cuptiActivityEnable", rc));
-      break;
-    }
-  }
-  if (done < enabled_kinds_.size()) {
-    for (std::size_t i = 0; i < done; ++i) sym.disable(enabled_kinds_[i]);
-    return false;
-  }
+  if (!switch_kinds_locked(true)) return false;
   // Stamped after the last enable: every kernel launched from here on is recorded.
   paused_stretches_.back().second = mono_now_ns();
   paused_ = false;
   return true;
+}
+
+bool KernelTracer::switch_kinds_locked(bool on) {
+  const CuptiSymbols& sym = cupti_->sym();
+  const auto turn = [&sym](uint32_t kind, bool to) { return to ? sym.enable(kind) : sym.disable(kind); };
+  std::size_t done = 0;
+  for (; done < enabled_kinds_.size(); ++done) {
+    if (const CUptiResult rc = turn(enabled_kinds_[done], on); rc != CUPTI_SUCCESS) {
+      record_failure(cupti_->capture(on ? "cuptiActivityEnable" : "cuptiActivityDisable", rc));
+      break;
+    }
+  }
+  if (done == enabled_kinds_.size()) return true;
+  // All or nothing: a half-switched tracer would record some kinds in a stretch reported untraced, or miss some in
+  // one reported traced. Kinds go back on only after a forced flush, as in a resume.
+  if (!on) cupti_->sym().flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
+  for (std::size_t i = 0; i < done; ++i) turn(enabled_kinds_[i], !on);
+  return false;
 }
 
 bool KernelTracer::flush_locked(bool forced) {

@@ -178,6 +178,8 @@ class KernelTracer {
   bool flush_locked(bool forced);  // control_mu_ held
   bool pause_locked();
   bool resume_locked();
+  // Every kind of this recording on or off, all or nothing (a failure rolls back and goes to failures()).
+  bool switch_kinds_locked(bool on);
   void record_failure(CuptiFailure f);
   // A (monotonic, CUPTI, monotonic) triple into the clock fit; a cuptiGetTimestamp failure throws CuptiError when
   // throw_on_failure, else goes to failures().
