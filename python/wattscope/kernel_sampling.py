@@ -4,7 +4,9 @@ traced stretches to the whole window.
 Why: CUPTI's kernel tracing costs ~1.5 us of host time per launch (H100, bench/RESULTS.md), which slows code whose
 pace the host's launches set (eager PyTorch at small per-kernel work) by several percent, while disabled kinds cost
 nothing. ``PowerMeter(kernels=True, kernel_duty=0.25)`` has the sampler thread trace one quantum (0.25 s) in four
-and disable tracing for the others (KernelTracer::service), so the cost falls to about a quarter.
+and disable tracing for the others (KernelTracer::service). Measured on eager resnet50 (H100), the cost per launch
+fell to 42-46 % of full tracing's, not 25 %: the first launches after each resume cost more (bench/RESULTS.md,
+session 7). Experimental: see PowerMeter's ``kernel_duty``.
 
 Where the untraced time lies. The tracer stamps each pause on the host: ``[p, r]``, from just before the kinds were
 disabled to just after they were enabled again. The kernels launched in between have no record, and they run on the
@@ -21,7 +23,8 @@ untraced time is taken to hold the same mix: each row's time and calls are scale
 untraced energy (measured, the ``[untraced]`` row of the attribution) is shared over the rows in proportion to their
 traced energy. The uncertainty adds the sampling error: how much a row's share of time varies from one traced
 stretch to the next (the standard error of a ratio estimator over the stretches), times the untraced time, times the
-row's mean power. This assumes the window's work is steady on the scale of the duty period (inference or training
+row's mean power, and its share of the untraced energy's own uncertainty. A sampled window extrapolates over all its
+untraced time, a torch.profiler session's included. This assumes the window's work is steady on the scale of the duty period (inference or training
 loops); a window whose work changes in a way that lines up with the duty period would be misread, so the sampled
 table says it is sampled (``notes``).
 """
