@@ -292,3 +292,19 @@ def test_a_duty_cycled_window_extrapolates_from_its_traced_quarters(fake, cupti)
 def test_bad_kernel_duty_says_what_to_do(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         PowerMeter(0, **kwargs)
+
+
+def test_a_kernel_meter_keeps_torch_profiler_from_tearing_cupti_down(fake, cupti, monkeypatch) -> None:
+    from wattscope import profiler_guard
+
+    fake.set_trace(0, [0.0], [100.0])
+    monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    with PowerMeter(0, kernels=True):
+        pass
+    assert os.environ["TEARDOWN_CUPTI"] == "0"  # as torch.compile sets it for CUDA graphs
+
+    monkeypatch.setenv("TEARDOWN_CUPTI", "1")  # the user's choice is kept, with a warning that says what it risks
+    monkeypatch.setattr(profiler_guard, "_warned_teardown", False)
+    with pytest.warns(RuntimeWarning, match="TEARDOWN_CUPTI=1"), PowerMeter(0, kernels=True):
+        pass
+    assert os.environ["TEARDOWN_CUPTI"] == "1"

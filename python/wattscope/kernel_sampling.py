@@ -24,9 +24,9 @@ untraced energy (measured, the ``[untraced]`` row of the attribution) is shared 
 traced energy. The uncertainty adds the sampling error: how much a row's share of time varies from one traced
 stretch to the next (the standard error of a ratio estimator over the stretches), times the untraced time, times the
 row's mean power, and its share of the untraced energy's own uncertainty. A sampled window extrapolates over all its
-untraced time, a torch.profiler session's included. This assumes the window's work is steady on the scale of the duty period (inference or training
-loops); a window whose work changes in a way that lines up with the duty period would be misread, so the sampled
-table says it is sampled (``notes``).
+untraced time, a torch.profiler session's included. This assumes the window's work is steady on the scale of the
+duty period (inference or training loops); a window whose work changes in a way that lines up with the duty period
+would be misread, so the sampled table says it is sampled (``notes``).
 """
 
 from __future__ import annotations

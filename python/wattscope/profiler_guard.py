@@ -14,6 +14,14 @@ forced flush returns our buffers while our callbacks are still registered, so Ki
 tells them to resume (register again, enable again; the tracer's clock fit absorbs Kineto's timestamp switch). The
 time in between is reported as untraced, never as idle.
 
+Kineto on CUDA 12.6+ also tears CUPTI down after each session by default (cuptiFinalize, from a thread of its own,
+at the next CUDA call): that races the tracer wattscope starts again right after, and Kineto's own notes report
+crashes of CUPTI re-initialised after a teardown, which is why torch.compile turns the teardown off for CUDA graphs
+(``TEARDOWN_CUPTI=0``). On the H100, a process that ran a kernel meter across a torch.profiler session and then
+traced again aborted at exit ("double free or corruption") in three of five runs of the GPU tests (session 7). So the
+first kernel meter sets ``TEARDOWN_CUPTI=0`` as torch.compile does, unless the user set it (a ``1`` is kept, with a
+warning). Kineto reads the variable when a session ends. Not yet confirmed on a GPU to end the aborts.
+
 If torch lacks these functions (another version), nothing is wrapped and ``profiler_active()`` falls back to
 torch's own ``_is_profiler_enabled`` flag, which is set only after Kineto took CUPTI: a meter opened while a
 profiler runs then stays out of CUPTI's way, but a profiler opened inside a kernel meter's window still loses its
@@ -49,10 +57,31 @@ _active = False  # set between a wrapped prepare/enable and the wrapped disable
 
 def watch(listener: Listener) -> None:
     """Call ``listener.suspend`` / ``resume`` around every torch.profiler session from now on (weakly held).
-    Installs the wrappers if torch is imported; a later call installs them if torch was imported since."""
+    Installs the wrappers if torch is imported; a later call installs them if torch was imported since. Keeps
+    Kineto from tearing CUPTI down after its sessions (module docstring)."""
     with _lock:
         _listeners.add(listener)
+    _keep_cupti_attached()
     _install()
+
+
+TEARDOWN_ENV = "TEARDOWN_CUPTI"
+
+
+def _keep_cupti_attached() -> None:
+    value = os.environ.get(TEARDOWN_ENV)
+    if value is None:
+        os.environ[TEARDOWN_ENV] = "0"  # putenv too: Kineto reads it with getenv
+    elif value == "1":
+        global _warned_teardown
+        if not _warned_teardown:
+            _warned_teardown = True
+            warnings.warn(f"{TEARDOWN_ENV}=1 makes torch.profiler finalize CUPTI after each session, racing "
+                          "wattscope's kernel tracing, which starts again then; unset it (wattscope then sets 0) if "
+                          "the process crashes after a profiler session", RuntimeWarning, stacklevel=4)
+
+
+_warned_teardown = False
 
 
 def profiler_active() -> bool:
