@@ -218,8 +218,8 @@ def test_a_pause_still_running_at_the_end_and_a_gpu_that_ran_nothing_need_no_fal
     tl = timeline_of(launch + 20_000, launch + 820_000, ["k"] * launch.size)
     p, r = T0 + 900 * MS + 900_000, T0 + 1500 * MS  # the work ends at 1 s, the pause at 1.5 s
     (lo, hi), = gpu_stretches([(p, r)], launched_outside(tl, launch, [(p, r)]))[0]
-    assert lo == p and hi == r + 1
-    assert gpu_stretches([(p, r)], KernelTimeline.empty()) == ([(p, r + 1)], 0)
+    assert lo == p and hi == r + 1  # to the end of what is known: the pause
+    assert gpu_stretches([(p, r)], KernelTimeline.empty()) == ([(p, r)], 0)
 
 
 def test_overlapping_untraced_stretches_count_once():
@@ -235,3 +235,30 @@ def test_overlapping_untraced_stretches_count_once():
     twice = {r.name: r for r in extrapolate(att, doubled).rows}
     for name, row in once.items():
         assert twice[name].calls == row.calls and twice[name].time_s == pytest.approx(row.time_s), name
+
+
+@pytest.mark.parametrize("idle_at", ["head", "middle", "tail"])
+def test_a_long_idle_stretch_gives_each_of_its_pauses_its_own_hole(idle_at):
+    # The GPU idles for 5 s (before, amid or after steady work) while the duty cycle goes on: each pause in the idle
+    # stretch gets a hole of about its own length, and the rest of the stretch stays idle.
+    work, launch = steady_batches(T0, 700, seed=6, scale=1.5)  # ~7 s of batches
+    shift = {"head": 5000 * MS, "middle": 0, "tail": 0}[idle_at]
+    tl = KernelTimeline(work.start_ns + shift, work.end_ns + shift, work.name, work.stream, work.device, work.kind)
+    launch = launch + shift
+    if idle_at == "middle":
+        late = tl.start_ns > T0 + 3500 * MS
+        tl = KernelTimeline(tl.start_ns + np.where(late, 5000 * MS, 0), tl.end_ns + np.where(late, 5000 * MS, 0),
+                            tl.name, tl.stream, tl.device, tl.kind)
+        launch = launch + np.where(late, 5000 * MS, 0)
+    b = int(tl.end_ns.max()) + (5000 * MS if idle_at == "tail" else 100 * MS)
+    raw, sampled, full = sampled_attribution(tl, launch, T0, b, off_quanta=3, seed=6)
+    rows, full_rows = {r.name: r for r in sampled.rows}, {r.name: r for r in full.rows}
+    for cls in POWER_W:
+        assert rows[cls].calls == pytest.approx(full_rows[cls].calls, rel=0.06), (idle_at, cls)
+    assert rows[IDLE].energy_j == pytest.approx(full_rows[IDLE].energy_j, rel=0.25), idle_at
+
+
+def test_every_pause_on_a_gpu_that_ran_nothing_is_its_host_stretch():
+    pauses = duty_pauses(T0, T0 + 5000 * MS, 3)
+    holes, fallbacks = gpu_stretches(pauses, KernelTimeline.empty())
+    assert fallbacks == 0 and holes == pauses

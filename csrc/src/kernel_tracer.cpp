@@ -171,7 +171,8 @@ struct TracerCore {
   // From CUPTI's request callback: no allocation (free_list has its capacity from the start), no Python.
   void take(uint8_t** buffer, size_t* size) {
     std::lock_guard<std::mutex> lk(pool_mu);
-    if (free_list.empty()) {
+    // A request that found this core active just before its stop: the pool may be on its way to the spares.
+    if (retired || free_list.empty()) {
       refused += 1;
       return;
     }
@@ -189,7 +190,8 @@ struct TracerCore {
     std::lock_guard<std::mutex> lk(pool_mu);
     // owns() was checked under the registry's lock, released since: a pool released meanwhile (another thread's
     // completion, a stop) is empty now, and nothing of it may be read.
-    if (!owns(buffer) || index_of(buffer) >= busy.size()) {
+    if (!owns(buffer) || index_of(buffer) >= busy.size() ||
+        static_cast<std::size_t>(buffer - reinterpret_cast<const uint8_t*>(storage.data())) % buffer_bytes != 0) {
       duplicates += 1;
       return false;
     }

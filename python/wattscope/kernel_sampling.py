@@ -14,8 +14,10 @@ GPU later than they were launched, by however far the host runs ahead of the GPU
 the recorded timeline: after the last recorded kernel launched before ``p``, before the first launched after ``r``
 (which cannot start before ``r``). A steady workload fills the hole with about as much GPU time as the pause lasted,
 so the hole of a pause is taken to be the first gap in the records (all streams merged) that ends after ``r`` and
-lasts at least half the pause, after the previous pause's hole; it is clipped to start no earlier than ``p`` (a
-kernel running before ``p`` was launched before it, so it would have a record). Where no such gap exists (a kernel
+leaves at least half the pause after the previous pause's hole; it starts no earlier than ``p`` (a kernel running
+before ``p`` was launched before it, so it would have a record) and lasts no longer than the pause plus the longest
+kernel recorded (an idle gap may be far longer; a hole that grew further, because the GPU fell behind, loses that
+sliver to idle). Where no such gap exists (a kernel
 spanning the pause, a workload that stopped launching), the host stretch itself is taken, and a note says so.
 
 Extrapolation. The traced stretches are a sample of the window (one quantum in every few, evenly spread), so the
@@ -73,24 +75,33 @@ def gpu_stretches(paused: list[tuple[int, int]], timeline: KernelTimeline) -> tu
 
     The time before the first record and after the last count as gaps too: the records kept reach only a second
     before the window, so an earlier pause's hole may begin before them, and a pause still running at the window's
-    end (or on a GPU that ran nothing) has no record after it."""
+    end (or on a GPU that ran nothing) has no record after it. A hole starts no earlier than its pause and the
+    previous hole's end, and lasts no longer than its pause plus the longest record: a long idle gap (a GPU that
+    stopped, or was idle for a while) then gives each pause in it a hole of its own, and its traced quanta stay
+    traced."""
     g0, g1 = busy_gaps(timeline)
-    last_r = max((r for _, r in paused), default=0)
     if len(timeline):
         g0 = np.concatenate(([np.iinfo(np.int64).min], g0, [int(timeline.end_ns.max())]))
-        g1 = np.concatenate(([int(timeline.start_ns.min())], g1, [last_r + 1]))
+        g1 = np.concatenate(([int(timeline.start_ns.min())], g1, [0]))
     else:
-        g0, g1 = np.array([np.iinfo(np.int64).min]), np.array([last_r + 1])
+        g0, g1 = np.array([np.iinfo(np.int64).min]), np.array([0])
+    # A kernel launched just before the resume may run up to its length past it: the hole may be that much longer.
+    slack_ns = int((timeline.end_ns - timeline.start_ns).max()) if len(timeline) else 0
     out: list[tuple[int, int]] = []
     fallbacks = 0
-    after = np.iinfo(np.int64).min  # the previous hole's end: each gap serves one pause
+    after = np.iinfo(np.int64).min  # the previous hole's end
     for p, r in paused:
+        g1[-1] = max(r + 1, int(g0[-1]) + 1)  # after the last record, nothing is known past this pause
         need = _MIN_HOLE_SHARE * (r - p)
-        # The gap's length counted from the pause at the earliest (the sentinel before the records is unbounded).
-        ok = np.flatnonzero((g1 > r) & (g1 - np.maximum(g0, p) >= need) & (g0 >= after) & (g1 > after))
+        start = np.maximum(np.maximum(g0, p), after)
+        ok = np.flatnonzero((g1 > r) & (g1 - start >= need))
         if ok.size:
             i = int(ok[0])
-            lo, hi = max(int(g0[i]), p), int(g1[i])
+            lo = int(start[i])
+            # As long as its pause (plus a kernel) at most: the GPU's lag behind the host is about the same at both
+            # ends of a steady workload's hole, while an idle gap may be far longer, and its traced quanta must stay
+            # traced.
+            hi = min(int(g1[i]), lo + (r - p) + slack_ns)
         else:
             lo, hi = p, r
             fallbacks += 1

@@ -378,9 +378,13 @@ def attribute_gpu(
             notes += (f"{fallbacks} of {len(holes)} duty-cycle pauses left no gap in the GPU's records: their host "
                       "stretches were taken as untraced",)
     if untraced:
-        timeline = KernelTimeline.concat([timeline, _untraced_records(tuple(untraced), gpu.cuda_index)])
-        total_ns = sum(b - a for a, b in kernel_sampling.merge_stretches([(a, b) for a, b, _ in untraced]))
+        # One record per merged stretch: a duty hole may meet a torch.profiler stretch, a fallback a hole.
         reasons = sorted({h for _, _, h in untraced})
+        merged = kernel_sampling.merge_stretches([(a, b) for a, b, _ in untraced])
+        label = "; ".join(reasons)
+        timeline = KernelTimeline.concat([timeline, _untraced_records(tuple((a, b, label) for a, b in merged),
+                                                                      gpu.cuda_index)])
+        total_ns = sum(b - a for a, b in merged)
         notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({'; '.join(reasons)}): that "
                   "time's energy is the [untraced] row",)
 

@@ -17,10 +17,11 @@ time in between is reported as untraced, never as idle.
 Kineto on CUDA 12.6+ also tears CUPTI down after each session by default (cuptiFinalize, from a thread of its own,
 at the next CUDA call): that races the tracer wattscope starts again right after, and Kineto's own notes report
 crashes of CUPTI re-initialised after a teardown, which is why torch.compile turns the teardown off for CUDA graphs
-(``TEARDOWN_CUPTI=0``). On the H100, a process that ran a kernel meter across a torch.profiler session and then
-traced again aborted at exit ("double free or corruption") in three of five runs of the GPU tests (session 7). So the
-first kernel meter sets ``TEARDOWN_CUPTI=0`` as torch.compile does, unless the user set it (a ``1`` is kept, with a
-warning). Kineto reads the variable when a session ends. Not yet confirmed on a GPU to end the aborts.
+(``TEARDOWN_CUPTI=0``). On the H100, the GPU tests aborted at exit ("double free or corruption") in three of five
+runs that held the test tracing across a torch.profiler session together with the other kernel tests (that test
+alone exited cleanly twice; session 7): the trigger is not established, and this is the most plausible cause. So
+the first kernel meter sets ``TEARDOWN_CUPTI=0`` as torch.compile does, unless the user set it (a ``1`` is kept,
+with a warning). Kineto reads the variable when a session ends. Not yet confirmed on a GPU to end the aborts.
 
 If torch lacks these functions (another version), nothing is wrapped and ``profiler_active()`` falls back to
 torch's own ``_is_profiler_enabled`` flag, which is set only after Kineto took CUPTI: a meter opened while a
