@@ -38,7 +38,17 @@ from dataclasses import replace
 
 import numpy as np
 
-from .kernels import IDLE, UNATTRIBUTED, UNTRACED, Attribution, KernelEnergy, KernelTimeline
+from .kernels import (
+    IDLE,
+    OTHER,
+    UNATTRIBUTED,
+    UNTRACED,
+    Attribution,
+    KernelEnergy,
+    KernelTimeline,
+    group_keys,
+    union_by_group,
+)
 
 _NS_PER_S = 1e9
 HOLDER = "duty cycle"  # the holder named in a sampled window's untraced stretches
@@ -112,13 +122,9 @@ def gpu_stretches(paused: list[tuple[int, int]], timeline: KernelTimeline) -> tu
 
 def _row_of_record(att: Attribution, group_by: str) -> np.ndarray:
     """The row name of every record of ``att.timeline`` (its class, or [other] when merged)."""
-    tl = att.timeline
-    if group_by == "name" or tl.grid is None:
-        keys = tl.name.astype(str)
-    else:
-        keys = np.array([f"{n} <<<{g}>>>" for n, g in zip(tl.name.tolist(), tl.grid.tolist(), strict=True)], str)
     names = {r.name for r in att.rows}
-    return np.array([k if k in names else "[other]" for k in keys.tolist()], dtype=object)
+    return np.array([k if k in names else OTHER for k in group_keys(att.timeline, group_by).astype(str).tolist()],
+                    dtype=object)
 
 
 def _overlap_ns(start: np.ndarray, end: np.ndarray, lo: int, hi: int) -> float:
@@ -126,17 +132,7 @@ def _overlap_ns(start: np.ndarray, end: np.ndarray, lo: int, hi: int) -> float:
 
 
 def _union_ns(start: np.ndarray, end: np.ndarray, lo: int, hi: int) -> float:
-    s, e = np.clip(start, lo, hi), np.clip(end, lo, hi)
-    keep = e > s
-    if not keep.any():
-        return 0.0
-    order = np.argsort(s[keep])
-    s, e = s[keep][order], e[keep][order]
-    run = np.maximum.accumulate(e)
-    starts_new = np.concatenate(([True], s[1:] > run[:-1]))
-    blocks = np.flatnonzero(starts_new)
-    ends = np.concatenate((run[blocks[1:] - 1], [run[-1]]))
-    return float((ends - s[blocks]).sum())
+    return float(union_by_group(np.zeros(start.size, np.int64), np.clip(start, lo, hi), np.clip(end, lo, hi), 1)[0])
 
 
 def _ratio_se(tau: np.ndarray, length: np.ndarray) -> float:

@@ -386,7 +386,7 @@ def attribute(
     memory_ns = 0 if response is None else int(response.shape_ns / (1 if response.kind == "lowpass" else 2))
     window = energy.integrate_window(ts, p, a, b, period_ns=period_ns, sensor_tau_ns=memory_ns)
     clipped = timeline.clip(a, b)
-    keys = _group_keys(clipped, group_by)
+    keys = group_keys(clipped, group_by)
     notes: list[str] = []
     if timeline.dropped:
         notes.append(f"the tracer dropped {timeline.dropped} activity records: their time counts as idle")
@@ -433,7 +433,8 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _group_keys(timeline: KernelTimeline, group_by: str) -> np.ndarray:
+def group_keys(timeline: KernelTimeline, group_by: str) -> np.ndarray:
+    """The row key of every record: its name, or its name and grid (``"name <<<gx,gy,gz>>>"``) for name+grid."""
     if group_by == "name" or timeline.grid is None:
         return timeline.name
     keys = np.empty(len(timeline), dtype=object)
@@ -604,7 +605,7 @@ def _model(timeline: KernelTimeline, clipped: KernelTimeline, keys: np.ndarray, 
         )
     durations = (clipped.end_ns - clipped.start_ns).astype(np.float64)
     names, inv = np.unique(keys.astype(str), return_inverse=True) if keys.size else (np.array([], str), keys)
-    support = dict(zip(names.tolist(), _union_by_group(inv, clipped.start_ns, clipped.end_ns, names.size), strict=True))
+    support = dict(zip(names.tolist(), union_by_group(inv, clipped.start_ns, clipped.end_ns, names.size), strict=True))
     min_support = _MIN_SUPPORT_PERIODS * period_ns
     small = sorted(n for n, s in support.items() if s < min_support)
     big = sorted((n for n in support if support[n] >= min_support), key=lambda n: support[n], reverse=True)
@@ -623,7 +624,7 @@ def _model(timeline: KernelTimeline, clipped: KernelTimeline, keys: np.ndarray, 
     # Class column of every record: of the clipped timeline (energy) and of the whole one (the response sees
     # records outside the window too, which explain readings near the edges).
     cls = np.array([column.get(k, other) for k in names.tolist()], dtype=np.int64)[inv] if keys.size else inv
-    all_names, all_inv = np.unique(_group_keys(timeline, group_by).astype(str), return_inverse=True)
+    all_names, all_inv = np.unique(group_keys(timeline, group_by).astype(str), return_inverse=True)
     all_cls = np.array([column.get(k, other if k in support else -1) for k in all_names.tolist()],
                        dtype=np.int64)[all_inv] if len(timeline) else np.zeros(0, np.int64)
 
@@ -664,7 +665,7 @@ def _model(timeline: KernelTimeline, clipped: KernelTimeline, keys: np.ndarray, 
 
     idle_w = float(coef[0])
     k = len(classes)
-    busy_in = _union_by_group(cls, clipped.start_ns, clipped.end_ns, k)  # union busy time per class, ns
+    busy_in = union_by_group(cls, clipped.start_ns, clipped.end_ns, k)  # union busy time per class, ns
     dur_c = np.bincount(cls, weights=durations, minlength=k) if k else np.zeros(0)
     edges, n_run, dt = occ.weights(np.empty(0, dtype=np.int64))
     cum_occ = np.concatenate(([0.0], np.cumsum(np.where(n_run > 0, dt / np.maximum(n_run, 1), 0.0))))
@@ -741,7 +742,7 @@ def _fit_with_prior(x: np.ndarray, p: np.ndarray, busy_any: np.ndarray
     return coef, free, sigma2, _covariance(xa, free, sigma2), float(common[1])
 
 
-def _union_by_group(group: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray, n_groups: int) -> np.ndarray:
+def union_by_group(group: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray, n_groups: int) -> np.ndarray:
     """Length of the union of each group's intervals, ns (float64 array of ``n_groups``)."""
     if start_ns.size == 0:
         return np.zeros(n_groups)
