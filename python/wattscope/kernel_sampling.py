@@ -155,13 +155,18 @@ def extrapolate(att: Attribution, untraced: list[tuple[int, int]], group_by: str
     window_ns = float(b - a)
     traced_ns = window_ns - untraced_ns
     by_name = {r.name: r for r in att.rows}
+
+    def as_is(why: str) -> Attribution:
+        return replace(att, notes=att.notes + (
+            f"not extrapolated ({why}): kernels were not traced for {untraced_ns / _NS_PER_S:.3f} s of the window "
+            f"(duty-cycled), whose energy is the {UNTRACED} row",))
+
     if untraced_ns <= 0:
         return att
     if UNTRACED not in by_name:
-        return replace(att, notes=att.notes + (f"not extrapolated: the estimator merged {UNTRACED} into another "
-                                               "row (too little untraced time to fit)",))
+        return as_is(f"the estimator merged {UNTRACED} into another row: too little untraced time to fit")
     if traced_ns <= 0:
-        return replace(att, notes=att.notes + ("no part of the window was traced: nothing to extrapolate from",))
+        return as_is("no part of the window was traced")
     # The traced spans: the window minus the untraced stretches.
     edges = [a] + [x for s in stretches for x in s] + [b]
     spans = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2) if edges[i + 1] > edges[i]]
@@ -175,9 +180,8 @@ def extrapolate(att: Attribution, untraced: list[tuple[int, int]], group_by: str
     sharing = [r for r in att.rows if r.name not in (UNTRACED, UNATTRIBUTED)]
     traced_j = sum(r.energy_j for r in sharing)
     if traced_j <= 0 or e_untraced < 0:
-        return replace(att, notes=att.notes + (
-            f"not extrapolated: the traced stretches hold {traced_j:.1f} J and the untraced ones {e_untraced:.1f} J, "
-            "which cannot be shared out",))
+        return as_is(f"the traced stretches hold {traced_j:.1f} J and the untraced ones {e_untraced:.1f} J, which "
+                     "cannot be shared out")
     gain = 1.0 + e_untraced / traced_j
     scale_t = window_ns / traced_ns
 
@@ -210,5 +214,4 @@ def extrapolate(att: Attribution, untraced: list[tuple[int, int]], group_by: str
             f"duty-cycled): times, calls and energies include the untraced {untraced_ns / _NS_PER_S:.3f} s "
             f"({e_untraced:.1f} J), extrapolated from the traced stretches; uncertainties include the sampling "
             "error. Assumes the work is steady on the scale of the duty period.")
-    notes = tuple(n for n in att.notes if "were not traced for" not in n) + (note,)
-    return replace(att, rows=tuple(rows), kernel_energy_j=kernel_j, notes=notes)
+    return replace(att, rows=tuple(rows), kernel_energy_j=kernel_j, notes=att.notes + (note,))

@@ -384,9 +384,10 @@ def attribute_gpu(
         label = "; ".join(reasons)
         timeline = KernelTimeline.concat([timeline, _untraced_records(tuple((a, b, label) for a, b in merged),
                                                                       gpu.cuda_index)])
-        total_ns = sum(b - a for a, b in merged)
-        notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({'; '.join(reasons)}): that "
-                  "time's energy is the [untraced] row",)
+        if not capture.sampled:  # a sampled window's note comes from the extrapolation, which removes the row
+            total_ns = sum(b - a for a, b in merged)
+            notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({label}): that time's "
+                      "energy is the [untraced] row",)
 
     def run(chosen: str) -> Any:
         return attribute(timeline, gpu.t_ns, gpu.power_w, start_ns, stop_ns, response=response, method=chosen,
