@@ -179,7 +179,7 @@ struct TracerCore {
     *buffer = free_list.back();
     *size = buffer_bytes;
     free_list.pop_back();
-    busy[index_of(*buffer)] = 1;
+    busy[offset_of(*buffer) / buffer_bytes] = 1;
     outstanding += 1;
   }
 
@@ -189,18 +189,15 @@ struct TracerCore {
   bool accept(const uint8_t* buffer) {
     std::lock_guard<std::mutex> lk(pool_mu);
     // owns() was checked under the registry's lock, released since: a pool released meanwhile (another thread's
-    // completion, a stop) is empty now, and nothing of it may be read.
-    if (!owns(buffer) || index_of(buffer) >= busy.size() ||
-        static_cast<std::size_t>(buffer - reinterpret_cast<const uint8_t*>(storage.data())) % buffer_bytes != 0) {
+    // completion, a stop) is empty now, and nothing of it may be read. A pointer inside a buffer (a spare pool
+    // reused with other buffer sizes) is not one we handed out either.
+    const bool ours = owns(buffer);
+    const std::size_t offset = ours ? offset_of(buffer) : 0;  // a pointer difference only within the pool
+    if (!ours || offset % buffer_bytes != 0 || busy[offset / buffer_bytes] == 0) {
       duplicates += 1;
       return false;
     }
-    uint8_t& held = busy[index_of(buffer)];
-    if (held == 0) {
-      duplicates += 1;
-      return false;
-    }
-    held = 0;
+    busy[offset / buffer_bytes] = 0;
     return true;
   }
 
@@ -213,8 +210,8 @@ struct TracerCore {
     return retired && outstanding == 0;
   }
 
-  std::size_t index_of(const uint8_t* buffer) const {
-    return static_cast<std::size_t>(buffer - reinterpret_cast<const uint8_t*>(storage.data())) / buffer_bytes;
+  std::size_t offset_of(const uint8_t* buffer) const {
+    return static_cast<std::size_t>(buffer - reinterpret_cast<const uint8_t*>(storage.data()));
   }
 
   // A retired core whose buffers are all back hands its pool to the registry's spares (the records stay): a
