@@ -167,30 +167,36 @@ def main() -> int:
             step()
         return loop(n_chunk)
 
-    def run_meter() -> dict:
+    def windowed(open_mode, close_mode, body=lambda _: loop(n_chunk)) -> tuple[dict, object]:
+        """Open a mode (timed: the per-window cost), one untimed batch inside it (the first launches after CUPTI is
+        enabled pay its instrumentation), the timed body, then close the mode (timed). Returns the body's timings
+        and the mode's handle."""
         t = time.perf_counter()
-        m = wattscope.PowerMeter(args.device).start()
+        handle = open_mode()
         open_s = time.perf_counter() - t
         step()
-        r = loop(n_chunk)
+        r = body(handle)
         t = time.perf_counter()
+        close_mode(handle)
+        return {**r, "open_s": open_s, "close_s": time.perf_counter() - t}, handle
+
+    def stop(m) -> None:
         m.stop()
-        return {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
+
+    def run_meter() -> dict:
+        return windowed(lambda: wattscope.PowerMeter(args.device).start(), stop)[0]
 
     def traced(ranges: bool, mode: str, copies: bool = True) -> dict:
         from wattscope import _session  # the tracer's options: a bench knob, not public API
 
         tracing = _session.current().kernel_tracing()
         tracing.configure(memcpy=copies, memset=copies)  # for the run this meter starts
-        t = time.perf_counter()
-        m = wattscope.PowerMeter(args.device, kernels=True, ranges=ranges).start()
-        open_s = time.perf_counter() - t
-        tracing.configure()
-        step()
-        r = loop(n_chunk, batch_range="batch" if ranges else None)
-        t = time.perf_counter()
-        m.stop()
-        r = {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
+
+        def body(_) -> dict:
+            tracing.configure()  # back to the defaults, for the runs after this one
+            return loop(n_chunk, batch_range="batch" if ranges else None)
+
+        r, m = windowed(lambda: wattscope.PowerMeter(args.device, kernels=True, ranges=ranges).start(), stop, body)
         if mode not in first_seen:  # the coexistence check, once per mode (an attribution takes a while)
             first_seen.add(mode)
             tl = m.kernel_attribution(method="overlap").timeline
@@ -203,37 +209,28 @@ def main() -> int:
         from wattscope import _session
 
         tracing = _session.current().kernel_tracing()
-        t = time.perf_counter()
-        m = wattscope.PowerMeter(args.device, kernels=True).start()
-        open_s = time.perf_counter() - t
-        step()
-        tracer = tracing._active  # the recording KernelTracer: a bench probe, not public API
-        torch.cuda.synchronize()
-        t, cpu = time.perf_counter(), time.thread_time()
-        t_toggle = time.perf_counter()
-        tracer.pause()
-        pause_s = time.perf_counter() - t_toggle
-        for _ in range(n_chunk):
-            step()
-        cpu_s = time.thread_time() - cpu
-        torch.cuda.synchronize()
-        r = {"s": time.perf_counter() - t, "cpu_s": cpu_s, "toggles": 1, "toggle_s": pause_s}
-        t_toggle = time.perf_counter()
-        tracer.resume()
-        r["resume_s"] = time.perf_counter() - t_toggle
-        t = time.perf_counter()
-        m.stop()
-        return {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
+
+        def body(_) -> dict:
+            tracer = tracing._active  # the recording KernelTracer: a bench probe, not public API
+            torch.cuda.synchronize()
+            t, cpu = time.perf_counter(), time.thread_time()
+            t_toggle = time.perf_counter()
+            tracer.pause()
+            pause_s = time.perf_counter() - t_toggle
+            for _ in range(n_chunk):
+                step()
+            cpu_s = time.thread_time() - cpu
+            torch.cuda.synchronize()
+            r = {"s": time.perf_counter() - t, "cpu_s": cpu_s, "toggles": 1, "toggle_s": pause_s}
+            t_toggle = time.perf_counter()
+            tracer.resume()
+            r["resume_s"] = time.perf_counter() - t_toggle
+            return r
+
+        return windowed(lambda: wattscope.PowerMeter(args.device, kernels=True).start(), stop, body)[0]
 
     def duty_cycled() -> dict:
-        t = time.perf_counter()
-        m = wattscope.PowerMeter(args.device, kernels=True, kernel_duty=args.duty).start()
-        open_s = time.perf_counter() - t
-        step()
-        r = loop(n_chunk)
-        t = time.perf_counter()
-        m.stop()
-        r = {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
+        r, m = windowed(lambda: wattscope.PowerMeter(args.device, kernels=True, kernel_duty=args.duty).start(), stop)
         if "meter_kernels_duty" not in first_seen:
             first_seen.add("meter_kernels_duty")
             att = m.kernel_attribution(method="overlap")
@@ -247,15 +244,12 @@ def main() -> int:
     def run_profiler() -> dict:
         from torch.profiler import ProfilerActivity, profile
 
-        t = time.perf_counter()
-        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-        prof.__enter__()
-        open_s = time.perf_counter() - t
-        step()
-        r = loop(n_chunk)
-        t = time.perf_counter()
-        prof.__exit__(None, None, None)
-        r = {**r, "open_s": open_s, "close_s": time.perf_counter() - t}
+        def open_mode():
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.__enter__()
+            return prof
+
+        r, prof = windowed(open_mode, lambda p: p.__exit__(None, None, None))
         if "torch_profiler" not in first_seen:
             first_seen.add("torch_profiler")
             n_cuda = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)

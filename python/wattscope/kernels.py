@@ -652,8 +652,7 @@ def _model(timeline: KernelTimeline, clipped: KernelTimeline, keys: np.ndarray, 
                          "was fitted as a class")
     if untraced_col:
         cols = np.flatnonzero(np.arange(1 + len(classes)) != untraced_col)
-        c_fit, free_fit, sigma2, cov_fit, common_w = _fit_with_prior(x[fit_rows][:, cols], pf[fit_rows],
-                                                                    busy_any[fit_rows])
+        c_fit, _, sigma2, cov_fit, common_w = _fit_with_prior(x[fit_rows][:, cols], pf[fit_rows], busy_any[fit_rows])
         coef = np.zeros(1 + len(classes))
         coef[cols] = c_fit
         cov = np.zeros((coef.size, coef.size))
