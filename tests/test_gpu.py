@@ -85,10 +85,17 @@ def _matmuls(torch, a, n: int) -> None:
     torch.cuda.synchronize()
 
 
-def test_kernel_meter_traces_real_kernels_and_rows_add_up():
+@pytest.fixture
+def warm_matrix():
+    """torch and a 2048 x 2048 bf16 matrix on GPU 0, cuBLAS warmed up by 5 products (the first loads its kernels)."""
     torch = pytest.importorskip("torch")
     a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
     _matmuls(torch, a, 5)
+    return torch, a
+
+
+def test_kernel_meter_traces_real_kernels_and_rows_add_up(warm_matrix):
+    torch, a = warm_matrix
     with PowerMeter(0, kernels=True) as m:
         _matmuls(torch, a, 200)
     table = m.kernels
@@ -140,12 +147,10 @@ def test_nvtx_ranges_get_exactly_the_kernels_launched_inside_them():
     assert top["energy_j"].sum() == pytest.approx(att.energy_j, rel=1e-9)  # the attribution's window energy
 
 
-def test_torch_profiler_inside_a_kernel_window_keeps_its_events_and_tracing_resumes():
-    torch = pytest.importorskip("torch")
+def test_torch_profiler_inside_a_kernel_window_keeps_its_events_and_tracing_resumes(warm_matrix):
+    torch, a = warm_matrix
     from torch.profiler import ProfilerActivity, profile
 
-    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
-    _matmuls(torch, a, 5)
     with PowerMeter(0, kernels=True) as m:
         _matmuls(torch, a, 100)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -162,12 +167,10 @@ def test_torch_profiler_inside_a_kernel_window_keeps_its_events_and_tracing_resu
     assert int((after.kernel_attribution().timeline.kind == "kernel").sum()) >= 50
 
 
-def test_duty_cycled_tracing_pauses_real_cupti_and_extrapolates():
+def test_duty_cycled_tracing_pauses_real_cupti_and_extrapolates(warm_matrix):
     # 1.6 s of paced matmuls (a sync every 20, so the host's launches follow the GPU, as in eager inference) with
     # kernels traced half the time: the real CUPTI must stop recording while paused and start again after.
-    torch = pytest.importorskip("torch")
-    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
-    _matmuls(torch, a, 5)
+    torch, a = warm_matrix
     with PowerMeter(0, kernels=True) as full:
         _matmuls(torch, a, 20)
     per_matmul = (full.kernel_attribution(method="overlap").timeline.kind == "kernel").sum() / 20
