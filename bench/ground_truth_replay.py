@@ -81,6 +81,18 @@ def load_dir(directory: Path) -> list[Mix]:
     return [load_mix(p) for p in sorted(directory.glob("*.npz"))]
 
 
+def class_busy_s(timeline: KernelTimeline, names: set[str]) -> float:
+    """Summed duration of the records of a class (its kernel names), s."""
+    sel = np.isin(timeline.name, list(names))
+    return float(np.sum(timeline.end_ns[sel] - timeline.start_ns[sel])) / 1e9
+
+
+def class_energy_j(att: Attribution, names: set[str]) -> tuple[float, float]:
+    """A class's energy in an attribution (the rows of its kernel names) and its uncertainty, J."""
+    rows = [row for row in att.rows if row.name in names]
+    return sum(row.energy_j for row in rows), math.sqrt(sum(row.uncertainty_j ** 2 for row in rows))
+
+
 def class_errors(mix: Mix, method: str, *, hot: bool = False) -> tuple[dict[str, float], Attribution]:
     """Signed relative error of each class's energy against its power alone (``hot``: alone at the mix's
     temperature), and the attribution it came from."""
@@ -92,10 +104,7 @@ def class_errors(mix: Mix, method: str, *, hot: bool = False) -> tuple[dict[str,
     clipped = mix.timeline.clip(mix.start_ns, mix.stop_ns)
     errors = {}
     for cls, names in mix.class_names.items():
-        sel = np.isin(clipped.name, list(names))
-        busy_s = float(np.sum(clipped.end_ns[sel] - clipped.start_ns[sel])) / 1e9
-        estimate_j = sum(row.energy_j for row in att.rows if row.name in names)
-        errors[cls] = estimate_j / (truth_w[cls] * busy_s) - 1.0
+        errors[cls] = class_energy_j(att, names)[0] / (truth_w[cls] * class_busy_s(clipped, names)) - 1.0
     return errors, att
 
 
@@ -107,7 +116,6 @@ def duty_errors(mix: Mix, off_quanta: int, *, phase: float = 0.0, quantum_ns: in
     (kernel_sampling.py), on the real readings. Per class: (error against the hot truth, or the usual one without
     it; the stated uncertainty relative to the same truth)."""
     from wattscope.kernel_sampling import extrapolate, gpu_stretches
-    from wattscope.kernels import UNTRACED
 
     tl = mix.timeline
     pauses, t = [], mix.start_ns + round((1 + phase) * quantum_ns)
@@ -119,22 +127,16 @@ def duty_errors(mix: Mix, off_quanta: int, *, phase: float = 0.0, quantum_ns: in
         inside |= (tl.start_ns >= p) & (tl.start_ns < r)
     kept = tl.take(np.flatnonzero(~inside))
     holes, _ = gpu_stretches(pauses, kept)
-    n = len(holes)
-    marks = KernelTimeline(np.array([a for a, _ in holes], np.int64), np.array([b for _, b in holes], np.int64),
-                           np.array([UNTRACED] * n, object), np.full(n, -1), np.full(n, int(tl.device[0])),
-                           np.array(["untraced"] * n, object))
-    att = attribute(KernelTimeline.concat([kept, marks]), mix.t_ns, mix.power_w, mix.start_ns, mix.stop_ns,
-                    response=mix.response, method="model")
+    att = attribute(KernelTimeline.concat([kept, KernelTimeline.untraced(holes, int(tl.device[0]))]), mix.t_ns,
+                    mix.power_w, mix.start_ns, mix.stop_ns, response=mix.response, method="model")
     sampled = extrapolate(att, holes)
     truth_w = mix.hot_power_w or mix.alone_power_w
     clipped = tl.clip(mix.start_ns, mix.stop_ns)
     out = {}
     for cls, names in mix.class_names.items():
-        sel = np.isin(clipped.name, list(names))
-        truth_j = truth_w[cls] * float(np.sum(clipped.end_ns[sel] - clipped.start_ns[sel])) / 1e9
-        rows = [r for r in sampled.rows if r.name in names]
-        out[cls] = (sum(r.energy_j for r in rows) / truth_j - 1.0,
-                    math.sqrt(sum(r.uncertainty_j ** 2 for r in rows)) / truth_j)
+        truth_j = truth_w[cls] * class_busy_s(clipped, names)
+        energy_j, uncertainty_j = class_energy_j(sampled, names)
+        out[cls] = (energy_j / truth_j - 1.0, uncertainty_j / truth_j)
     return out
 
 

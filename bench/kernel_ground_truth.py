@@ -208,6 +208,7 @@ def hot_truth(wattscope, k: Kernels, device: int, band, rng: random.Random, stre
 def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s: float, mix_s: float,
              rng: random.Random, raw_path: str | None = None, hot: dict | None = None,
              duty: float | None = None) -> dict:
+    from ground_truth_replay import class_busy_s, class_energy_j  # one definition of a class's share, bench and replay
     out: dict = {"band": name, "classes": {}}
     names_of: dict[str, set[str]] = {}
     for cls in CLASSES:
@@ -275,12 +276,10 @@ def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s
                               "unattributed_j": rows["[unattributed]"].energy_j if "[unattributed]" in rows else 0.0}
         truth_total = hot_total = 0.0
         for cls in CLASSES:
-            sel = np.isin(tl.name, list(names_of[cls]))
-            busy_s = float(np.sum(tl.end_ns[sel] - tl.start_ns[sel])) / 1e9
+            busy_s = class_busy_s(tl, names_of[cls])
             truth = out["classes"][cls]["alone_power_w"] * busy_s
             truth_total += truth
-            est = sum(row.energy_j for n, row in rows.items() if n in names_of[cls])
-            unc = math.sqrt(sum(row.uncertainty_j ** 2 for n, row in rows.items() if n in names_of[cls]))
+            est, unc = class_energy_j(att, names_of[cls])
             out["classes"][cls].setdefault("mix_busy_s", busy_s)
             out["classes"][cls][method] = {"energy_j": est, "uncertainty_j": unc, "truth_j": truth,
                                            "error": est / truth - 1.0 if truth > 0 else float("nan")}
@@ -292,14 +291,12 @@ def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s
         with wattscope.PowerMeter(device, kernels=True, kernel_duty=duty) as md:
             feed(k, [p for p, _ in mix], [e for _, e in mix])
         att = md.kernel_attribution(method="model")
-        rows = {row.name: row for row in att.rows}
         out["mix"]["duty"] = {"duty": duty, "notes": list(att.notes), "energy_j": md.result.energy_j,
                               "temperature_c_mean": mean_temperature_c(md)}
         for cls in CLASSES:
             c = out["classes"][cls]
             truth = c["model"]["truth_j"]
-            est = sum(row.energy_j for n, row in rows.items() if n in names_of[cls])
-            unc = math.sqrt(sum(row.uncertainty_j ** 2 for n, row in rows.items() if n in names_of[cls]))
+            est, unc = class_energy_j(att, names_of[cls])
             c["duty"] = {"energy_j": est, "uncertainty_j": unc, "error": est / truth - 1.0 if truth > 0 else math.nan}
             if hot_w is not None:
                 c["duty"]["hot_error"] = est / (hot_w[cls] * c["mix_busy_s"]) - 1.0

@@ -33,10 +33,7 @@ def launched_outside(tl: KernelTimeline, launch_ns: np.ndarray, pauses: list[tup
 
 
 def with_untraced(tl: KernelTimeline, stretches: list[tuple[int, int]]) -> KernelTimeline:
-    n = len(stretches)
-    marks = timeline_of([lo for lo, _ in stretches], [hi for _, hi in stretches], [UNTRACED] * n,
-                        kind=["untraced"] * n)
-    return KernelTimeline.concat([tl, marks])
+    return KernelTimeline.concat([tl, KernelTimeline.untraced(stretches, 0)])
 
 
 def test_busy_gaps_merge_every_stream():

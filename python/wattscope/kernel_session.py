@@ -22,7 +22,7 @@ import numpy as np
 
 from . import kernel_sampling, profiler_guard
 from .errors import WattscopeError
-from .kernels import UNTRACED, KernelTimeline
+from .kernels import KernelTimeline
 from .ranges import RangeRecorder, hook_torch_nvtx, range_ids
 
 CUPTI_PATH_ENV = "WATTSCOPE_CUPTI_PATH"
@@ -326,18 +326,6 @@ def close_tracer(session: Any, lease: Lease, start_ns: int, stop_ns: int) -> Ker
         tracing.release(lease)
 
 
-def _untraced_records(untraced: tuple[tuple[int, int, str], ...], device: int) -> KernelTimeline:
-    n = len(untraced)
-    return KernelTimeline(
-        np.array([a for a, _, _ in untraced], dtype=np.int64),
-        np.array([b for _, b, _ in untraced], dtype=np.int64),
-        np.array([UNTRACED] * n, dtype=object),
-        np.full(n, -1, dtype=np.int64),
-        np.full(n, device, dtype=np.int64),
-        np.array(["untraced"] * n, dtype=object),
-    )
-
-
 def attribute_gpu(
     capture: KernelCapture | None, gpu: Any, start_ns: int, stop_ns: int, driver: str, method: str | None, group_by: str
 ) -> Any:
@@ -381,13 +369,11 @@ def attribute_gpu(
         # One record per merged stretch: a duty hole may meet a torch.profiler stretch, a fallback a hole.
         reasons = sorted({h for _, _, h in untraced})
         merged = kernel_sampling.merge_stretches([(a, b) for a, b, _ in untraced])
-        label = "; ".join(reasons)
-        timeline = KernelTimeline.concat([timeline, _untraced_records(tuple((a, b, label) for a, b in merged),
-                                                                      gpu.cuda_index)])
+        timeline = KernelTimeline.concat([timeline, KernelTimeline.untraced(merged, gpu.cuda_index)])
         if not capture.sampled:  # a sampled window's note comes from the extrapolation, which removes the row
             total_ns = sum(b - a for a, b in merged)
-            notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({label}): that time's "
-                      "energy is the [untraced] row",)
+            notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({'; '.join(reasons)}): "
+                      "that time's energy is the [untraced] row",)
 
     def run(chosen: str) -> Any:
         return attribute(timeline, gpu.t_ns, gpu.power_w, start_ns, stop_ns, response=response, method=chosen,

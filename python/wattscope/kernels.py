@@ -216,6 +216,16 @@ class KernelTimeline:
         return cls(i, i, o, i, i, o, None, dropped)
 
     @classmethod
+    def untraced(cls, stretches: list[tuple[int, int]], device: int) -> KernelTimeline:
+        """One ``[untraced]`` record per ``(start_ns, stop_ns)`` stretch of one device: time in which kernels ran
+        unseen (torch.profiler held CUPTI, a duty cycle paused tracing)."""
+        n = len(stretches)
+        return cls(np.array([a for a, _ in stretches], dtype=np.int64),
+                   np.array([b for _, b in stretches], dtype=np.int64), np.array([UNTRACED] * n, dtype=object),
+                   np.full(n, -1, dtype=np.int64), np.full(n, device, dtype=np.int64),
+                   np.array(["untraced"] * n, dtype=object))
+
+    @classmethod
     def concat(cls, parts: list[KernelTimeline]) -> KernelTimeline:
         """One timeline of several (records in order of ``parts``; ``dropped`` summed; grid kept only when every
         part has one; range ids kept when any part has them, -1 for the records of parts without)."""
