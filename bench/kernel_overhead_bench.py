@@ -19,6 +19,9 @@ Modes:
                   kinds are disabled again, and what does a pause cost?
   meter_kernels_duty  PowerMeter(kernels=True, kernel_duty=--duty): the sampler thread traces one quarter-second
                   in 1/duty (use chunks of a second or more, so that each holds whole duty periods)
+  cupti_floor     a bare CUPTI client (bench/cupti_floor.c, built here with cc) enabling the kinds a kernel meter
+                  enables and doing nothing else: the least any CUPTI kernel tracer can cost, so the kernel meter's
+                  figure next to it says how much of its cost is CUPTI's own
   torch_profiler  torch.profiler.profile(activities=[CPU, CUDA]) around the loop (the peer: what users run today
                   to see kernels)
 --graph replays the forward pass as one captured CUDA graph instead of launching it eagerly.
@@ -50,20 +53,43 @@ sensor response is characterised) with their uncertainties, printed and optional
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 from paired_stats import median_ci
 
 MODES = ("none_again", "meter", "meter_kernels", "meter_kernels_only", "meter_ranges", "meter_kernels_paused",
-         "meter_kernels_duty", "torch_profiler")
+         "meter_kernels_duty", "cupti_floor", "torch_profiler")
 PRISTINE_MODES = ("none_again", "meter")  # phase 1: no CUPTI in the process yet
 GOALS = {"meter": 0.005, "meter_kernels": 0.03}  # the per-kernel issue's overhead goals
 SETTLE_S = 0.05
+
+
+def load_cupti_floor(device: int):
+    """Build bench/cupti_floor.c and load it against the libcupti in this process (a kernel meter loads one if
+    torch has not)."""
+    import wattscope
+
+    so = os.path.join(tempfile.mkdtemp(prefix="cupti_floor"), "cupti_floor.so")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cupti_floor.c")
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", so, src, "-ldl", "-lpthread"], check=True)
+    lib = ctypes.CDLL(so)
+    lib.floor_stop.restype = ctypes.c_uint64
+    lib.floor_stop.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
+    if lib.floor_load() == -1:
+        with wattscope.PowerMeter(device, kernels=True):
+            pass
+    if (rc := lib.floor_load()) != 0:
+        raise RuntimeError(f"cupti_floor: cannot load (code {rc}: -1 no libcupti in the process, -2 a symbol missing)")
+    return lib
 
 
 def verdict(goal: float, lo: float, hi: float) -> str:
@@ -256,12 +282,35 @@ def main() -> int:
             r["cuda_events_per_batch"] = n_cuda / (n_chunk + 1)
         return r
 
+    floor: list = []  # the bare CUPTI client, built and loaded at its first chunk
+
+    def cupti_floor() -> dict:
+        if not floor:
+            floor.append(load_cupti_floor(args.device))
+        lib = floor[0]
+
+        def open_mode():
+            if (rc := lib.floor_start()) != 0:
+                raise RuntimeError(f"cupti_floor: CUPTI call failed with result {rc}")
+
+        def close_mode(_) -> None:
+            refused = ctypes.c_uint64()
+            seen_kernels["n"] = lib.floor_stop(ctypes.byref(refused))
+            seen_kernels["refused"] = refused.value
+
+        seen_kernels: dict = {}
+        r = windowed(open_mode, close_mode)[0]
+        if "cupti_floor" not in first_seen:  # is it really tracing? it must see the records a kernel meter sees
+            first_seen.add("cupti_floor")
+            r.update(records_per_batch=seen_kernels["n"] / (n_chunk + 1), dropped=seen_kernels["refused"])
+        return r
+
     runners = {"none_again": run_none, "meter": run_meter,
                "meter_kernels": lambda: traced(False, "meter_kernels"),
                "meter_kernels_only": lambda: traced(False, "meter_kernels_only", copies=False),
                "meter_ranges": lambda: traced(True, "meter_ranges"),
                "meter_kernels_paused": paused, "meter_kernels_duty": duty_cycled,
-               "torch_profiler": run_profiler}
+               "cupti_floor": cupti_floor, "torch_profiler": run_profiler}
 
     def tput(r: dict) -> float:
         return args.batch * n_chunk / r["s"]

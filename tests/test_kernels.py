@@ -116,6 +116,24 @@ def test_rows_add_up_to_the_window_energy(mixed, method):
     assert by_name(att)[IDLE].time_s == pytest.approx((b - a) / 1e9 - busy_s, rel=1e-9)
 
 
+@pytest.mark.parametrize("method", ["overlap", "model"])
+def test_rows_add_up_to_the_energy_integrated_with_the_callers_period_and_shift(mixed, method):
+    # A meter integrates with the sampler's period and its source's shift; a short window's few readings, unevenly
+    # spaced, have another median spacing. The rows must add up to the meter's figure, not to a re-integration.
+    tl, t, p, a, b = mixed
+    rng = np.random.default_rng(3)
+    t = t + rng.integers(-6_000_000, 6_000_000, t.size)  # +-6 ms of jitter on a 20 ms period, still increasing
+    period, shift = 20_000_000, 1_234_567
+    expect = energy.integrate_window(t - shift, p, a, b, period_ns=period, sensor_tau_ns=int(H100.memory_ns()))
+    att = attribute(tl, t, p, a, b, response=H100, method=method, period_ns=period, shift_ns=shift)
+    assert att.shift_ns == shift
+    assert att.energy_j == pytest.approx(expect.energy_j, rel=1e-12)
+    assert sum(r.energy_j for r in att.rows) == pytest.approx(expect.energy_j, rel=1e-9)
+    assert attribute(tl, t, p, a, b, response=H100, method=method).energy_j != pytest.approx(expect.energy_j, rel=1e-9)
+    with pytest.raises(ValueError, match="period_ns must be positive"):
+        attribute(tl, t, p, a, b, response=H100, method=method, period_ns=0)
+
+
 def test_rows_add_up_without_response_and_with_gaps():
     tl, a, b = workload(seed=4, busy_s=3.0, lo_ms=1.0, hi_ms=30.0)
     t, p = sense(tl, a, b, seed=4)

@@ -49,6 +49,7 @@ def test_rows_add_up_to_the_window_energy_and_separate_the_classes(fake, cupti) 
     table = m.kernels
     assert att.method == "model"  # the fake is an H100, whose built-in response lets the model run
     assert table["energy_j"].sum() == pytest.approx(r.gpus[0].energy_j, rel=1e-9, abs=1e-9)
+    assert att.shift_ns == r.gpus[0].sensor_shift_ns  # integrated as the Measurement was, not re-derived
     rows = table.set_index("name")
     assert "before" not in rows.index and "other_gpu" not in rows.index  # outside the window / another GPU
     assert rows.loc["hot", "calls"] == 3 and rows.loc["cold", "calls"] == 3

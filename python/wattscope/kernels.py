@@ -342,6 +342,8 @@ def attribute(
     response: Response | None = None,
     method: str = "overlap",
     group_by: str = "name",
+    period_ns: int | None = None,
+    shift_ns: int | None = None,
 ) -> Attribution:
     """Split the energy of ``[start_ns, stop_ns]`` over the kernels of ``timeline``.
 
@@ -356,6 +358,9 @@ def attribute(
         method: ``"overlap"`` or ``"model"`` (see the module docstring).
         group_by: ``"name"``, or ``"name+grid"`` (needs ``timeline.grid``) to tell launches of one kernel with
             different grids apart.
+        period_ns, shift_ns: the sample period and the stamp shift the caller integrated the window with (a meter
+            passes its Measurement's, so that the rows add up to its energy); by default the readings' median
+            spacing and the response's shift for it.
 
     Raises:
         ValueError: bad arguments, several devices in the timeline, ``"model"`` without a response or with too
@@ -391,11 +396,15 @@ def attribute(
     if t.size < 2:
         raise ValueError("need at least two power readings (their spacing is the sample period)")
 
-    period_ns = max(1, round(float(np.median(np.diff(t)))))
-    shift_ns = stamp_shift_ns(response, period_ns)
+    if period_ns is None:
+        period_ns = max(1, round(float(np.median(np.diff(t)))))
+    elif period_ns <= 0:
+        raise ValueError(f"period_ns must be positive, got {period_ns}")
+    if shift_ns is None:
+        shift_ns = stamp_shift_ns(response, period_ns)
     ts = t - shift_ns
-    # The sensor's memory sizes energy.py's response term, as SensorModel.memory_ns does for the meter.
-    memory_ns = 0 if response is None else int(response.shape_ns / (1 if response.kind == "lowpass" else 2))
+    # The sensor's memory sizes energy.py's response term, as for the meter (SensorModel.memory_ns).
+    memory_ns = 0 if response is None else int(response.memory_ns())
     window = energy.integrate_window(ts, p, a, b, period_ns=period_ns, sensor_tau_ns=memory_ns)
     clipped = timeline.clip(a, b)
     keys = group_keys(clipped, group_by)
