@@ -4,7 +4,7 @@
 #
 #   STAGES="build tests calibrate accuracy overhead sampler sweep" bash bench/gpu_check.sh
 #   STAGES="build calibrate kernels coexist kernel_overhead" bash bench/gpu_check.sh   (per-kernel validation)
-#   STAGES="build exit_bisect abort_trace pause_stress" bash bench/gpu_check.sh   (hunting the crashes of session 7)
+#   STAGES="build exit_bisect abort_trace" bash bench/gpu_check.sh   (hunting the abort at exit of sessions 7-8)
 #
 # sampler_start launches the 10-minute sampler run in its own process session so that it outlives this call (the
 # machine stays warm between calls); sampler_collect, in a later call, waits for it and copies its log.
@@ -104,7 +104,7 @@ if has run_vs; then
 fi
 if has exit_bisect; then  # which GPU tests leave the process aborting at exit? one pytest process per selection
   mark exit_bisect
-  for sel in "duty" "not duty" "profiler" "nvtx" "kernel_meter_traces" "not duty and not profiler"; do
+  for sel in "test" "profiler" "nvtx" "kernel_meter_traces" "not profiler"; do
     python3 -m pytest -q -p no:cacheprovider -m gpu -k "$sel" "$repo/tests" >/tmp/bisect.txt 2>&1
     echo "-k '$sel': exit status $? | $(grep -E 'passed|failed' /tmp/bisect.txt | tail -1) | $(grep -E 'free\(\)|double free|corruption|Abort' /tmp/bisect.txt | head -2 | tr '\n' ' ')" \
       | tee -a "$OUT/exit_bisect.txt"
@@ -113,7 +113,7 @@ fi
 if has abort_trace; then  # the native stack of an abort at exit (bench/abort_backtrace.c), per pytest selection
   mark abort_trace
   cc -shared -fPIC -O1 -o /tmp/abort_bt.so "$repo/bench/abort_backtrace.c"
-  IFS=';' read -ra selections <<< "${ABORT_SELECTIONS:-profiler or kernel_meter_traces;not duty}"
+  IFS=';' read -ra selections <<< "${ABORT_SELECTIONS:-profiler or kernel_meter_traces;test}"
   for sel in "${selections[@]}"; do
     LD_PRELOAD=/tmp/abort_bt.so python3 -m pytest -q -p no:cacheprovider -m gpu -k "$sel" "$repo/tests" \
       >/tmp/abort.txt 2>&1
@@ -121,11 +121,6 @@ if has abort_trace; then  # the native stack of an abort at exit (bench/abort_ba
     { echo "-k '$sel': exit status $rc | $(grep -E 'passed|failed' /tmp/abort.txt | tail -1)"
       if [ $rc -ne 0 ]; then tail -60 /tmp/abort.txt; fi; } | tee -a "$OUT/abort_trace.txt"
   done
-fi
-if has pause_stress; then  # is pausing CUPTI's kinds mid-recording safe? each way in a child process of its own
-  mark pause_stress
-  # shellcheck disable=SC2086
-  python3 "$repo/bench/pause_stress.py" ${PAUSE_ARGS:-} 2>&1 | tee "$OUT/pause_stress.txt"
 fi
 if has kernel_overhead; then
   mark kernel_overhead

@@ -1,9 +1,7 @@
 """Recorded ground-truth mixes: their file format (save_raw, load_mix), and a replay of them through the per-kernel
 estimators, without a GPU.
 
-    python bench/ground_truth_replay.py [--duty 0.25] [DIR ...]     (default: bench/data/h100_ground_truth)
-
---duty also replays each mix as duty-cycled tracing would have recorded it (duty_errors), in four phases of the cycle.
+    python bench/ground_truth_replay.py [DIR ...]     (default: bench/data/h100_ground_truth)
 
 Each .npz is one band of `bench/kernel_ground_truth.py --raw-dir`: the mix's kernel timeline, the readings its
 Measurement integrated, the window, the sensor response used, and the truth (each class's power alone, and which
@@ -15,7 +13,6 @@ it costs GPU time.
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,42 +105,7 @@ def class_errors(mix: Mix, method: str, *, hot: bool = False) -> tuple[dict[str,
     return errors, att
 
 
-def duty_errors(mix: Mix, off_quanta: int, *, phase: float = 0.0, quantum_ns: int = 250_000_000
-                ) -> dict[str, tuple[float, float]]:
-    """The mix as duty-cycled tracing would have recorded it: the records that start inside each pause removed
-    (one quantum traced, ``off_quanta`` paused, the cycle shifted by ``phase`` of a quantum; the GPU follows the
-    host closely here, the feeder keeps 0.15 s queued at most), the holes found and the table extrapolated
-    (kernel_sampling.py), on the real readings. Per class: (error against the hot truth, or the usual one without
-    it; the stated uncertainty relative to the same truth)."""
-    from wattscope.kernel_sampling import extrapolate, gpu_stretches
-
-    tl = mix.timeline
-    pauses, t = [], mix.start_ns + round((1 + phase) * quantum_ns)
-    while t < mix.stop_ns:
-        pauses.append((t, t + off_quanta * quantum_ns))
-        t += (off_quanta + 1) * quantum_ns
-    inside = np.zeros(len(tl), bool)
-    for p, r in pauses:
-        inside |= (tl.start_ns >= p) & (tl.start_ns < r)
-    kept = tl.take(np.flatnonzero(~inside))
-    holes, _ = gpu_stretches(pauses, kept)
-    att = attribute(KernelTimeline.concat([kept, KernelTimeline.untraced(holes, int(tl.device[0]))]), mix.t_ns,
-                    mix.power_w, mix.start_ns, mix.stop_ns, response=mix.response, method="model")
-    sampled = extrapolate(att, holes)
-    truth_w = mix.hot_power_w or mix.alone_power_w
-    clipped = tl.clip(mix.start_ns, mix.stop_ns)
-    out = {}
-    for cls, names in mix.class_names.items():
-        truth_j = truth_w[cls] * class_busy_s(clipped, names)
-        energy_j, uncertainty_j = class_energy_j(sampled, names)
-        out[cls] = (energy_j / truth_j - 1.0, uncertainty_j / truth_j)
-    return out
-
-
 def main(argv: list[str]) -> int:
-    duty = None
-    if argv[:1] == ["--duty"]:
-        duty, argv = float(argv[1]), argv[2:]
     directories = [Path(a) for a in argv] or [DEFAULT_DIR]
     for directory in directories:
         mixes = load_dir(directory)
@@ -160,12 +122,6 @@ def main(argv: list[str]) -> int:
                 if mix.hot_power_w is not None:
                     hot, _ = class_errors(mix, method, hot=True)
                     print(f"  {'':9} {'(hot)':8} " + "  ".join(f"{c} {e * 100:+7.2f} %" for c, e in hot.items()))
-            if duty is not None:
-                off = round(1 / duty) - 1
-                runs = [duty_errors(mix, off, phase=k / 4) for k in range(4)]
-                cells = "  ".join(f"{c} " + ",".join(f"{r[c][0] * 100:+.1f}" for r in runs)
-                                  + f" (±{statistics.mean(r[c][1] for r in runs) * 100:.1f})" for c in runs[0])
-                print(f"  {'':9} {'duty ' + format(duty, 'g'):8} {cells}   (4 phases of the cycle; % error, ± stated)")
     return 0
 
 

@@ -29,9 +29,6 @@ Per band:
      the others, on a cooling die, and on the H100 it draws ~0.6 W/degC more when hotter: the mix runs 3-8 degC
      hotter, so step 1 probably understates its truth by 1.4-4 % (bench/RESULTS.md, session 6). Errors against
      both truths are printed.
-  5. With --duty D, the same mix is played again under PowerMeter(kernels=True, kernel_duty=D): the model's
-     per-class energies, extrapolated from the traced stretches (kernel_sampling.py), against the same truths (the
-     busy time of each class is the first play's, whose kernels are the same).
 
 Needs torch with CUDA. Prints one table; --json writes every number.
 """
@@ -206,8 +203,7 @@ def hot_truth(wattscope, k: Kernels, device: int, band, rng: random.Random, stre
 
 
 def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s: float, mix_s: float,
-             rng: random.Random, raw_path: str | None = None, hot: dict | None = None,
-             duty: float | None = None) -> dict:
+             rng: random.Random, raw_path: str | None = None, hot: dict | None = None) -> dict:
     from ground_truth_replay import class_busy_s, class_energy_j  # one definition of a class's share, bench and replay
     out: dict = {"band": name, "classes": {}}
     names_of: dict[str, set[str]] = {}
@@ -286,20 +282,6 @@ def run_band(torch, wattscope, k: Kernels, device: int, name: str, band, alone_s
             if hot_w is not None:
                 hot_total += hot_w[cls] * busy_s
                 out["classes"][cls][method]["hot_error"] = est / (hot_w[cls] * busy_s) - 1.0
-    if duty is not None:
-        time.sleep(0.2)
-        with wattscope.PowerMeter(device, kernels=True, kernel_duty=duty) as md:
-            feed(k, [p for p, _ in mix], [e for _, e in mix])
-        att = md.kernel_attribution(method="model")
-        out["mix"]["duty"] = {"duty": duty, "notes": list(att.notes), "energy_j": md.result.energy_j,
-                              "temperature_c_mean": mean_temperature_c(md)}
-        for cls in CLASSES:
-            c = out["classes"][cls]
-            truth = c["model"]["truth_j"]
-            est, unc = class_energy_j(att, names_of[cls])
-            c["duty"] = {"energy_j": est, "uncertainty_j": unc, "error": est / truth - 1.0 if truth > 0 else math.nan}
-            if hot_w is not None:
-                c["duty"]["hot_error"] = est / (hot_w[cls] * c["mix_busy_s"]) - 1.0
     out["mix"]["closure"] = (truth_total + out["mix"]["overlap"]["idle_j"]) / r.energy_j - 1.0
     if hot_w is not None:
         out["mix"]["hot_closure"] = (hot_total + out["mix"]["overlap"]["idle_j"]) / r.energy_j - 1.0
@@ -355,7 +337,6 @@ def main() -> int:
     ap.add_argument("--hot-reheat-s", type=float, default=1.5)
     ap.add_argument("--hot-settle-s", type=float, default=0.15)
     ap.add_argument("--hot-measure-s", type=float, default=0.5)
-    ap.add_argument("--duty", type=float, help="also play each mix again with PowerMeter(kernel_duty=DUTY)")
     args = ap.parse_args()
     # "1-50" and "1-50ms" name the band "1-50 ms" too (a shell variable cannot carry the space).
     bands = [b.strip().removesuffix("ms").strip() + " ms" for b in args.bands.split(",") if b.strip()]
@@ -390,7 +371,7 @@ def main() -> int:
             os.makedirs(args.raw_dir, exist_ok=True)
             raw = os.path.join(args.raw_dir, f"mix_{name.replace(' ', '')}.npz")
         res = run_band(torch, wattscope, k, args.device, name, BANDS_MS[name], args.alone_s, args.mix_s, rng, raw,
-                       hot, args.duty)
+                       hot)
         results.append(res)
         mix = res["mix"]
         print(f"\n== band {name} (sensor model: {res['sensor_model']}): mix {mix['duration_s']:.2f} s, "
@@ -421,14 +402,6 @@ def main() -> int:
                 print(f"   {'':6} hot truth {h['power_w']:7.1f} W at {_celsius(h['temperature_c_mean'])} mean "
                       f"({h['s']:.1f} s): overlap err {c['overlap']['hot_error'] * 100:+.2f}%, "
                       f"model err {c['model']['hot_error'] * 100:+.2f}%")
-            if "duty" in c:
-                d = c["duty"]
-                hot_part = f" (hot truth {d['hot_error'] * 100:+.2f}%)" if "hot_error" in d else ""
-                print(f"   {'':6} duty {mix['duty']['duty']:g}: model err {d['error'] * 100:+.2f}%{hot_part} "
-                      f"± {d['uncertainty_j'] / c['model']['truth_j'] * 100:.2f}%")
-        if "duty" in mix:
-            for note in mix["duty"]["notes"]:
-                print(f"   [duty] note: {note}")
     slopes = temperature_slopes(results)
     if slopes:
         print("power alone against temperature across the bands: "

@@ -14,11 +14,6 @@ Modes:
   meter_kernels_only  the same with CUPTI's MEMCPY and MEMSET kinds off (CONCURRENT_KERNEL alone): do they add to
                   the per-launch cost?
   meter_ranges    one PowerMeter(kernels=True, ranges=True) around the loop, an NVTX range around every batch
-  meter_kernels_paused  PowerMeter(kernels=True) with its tracer paused (KernelTracer.pause: kinds disabled, the
-                  recording kept) for the timed loop, the pause timed with it: does CUPTI's launch cost go once its
-                  kinds are disabled again, and what does a pause cost?
-  meter_kernels_duty  PowerMeter(kernels=True, kernel_duty=--duty): the sampler thread traces one quarter-second
-                  in 1/duty (use chunks of a second or more, so that each holds whole duty periods)
   cupti_floor     a bare CUPTI client (bench/cupti_floor.c, built here with cc) enabling the kinds a kernel meter
                   enables and doing nothing else: the least any CUPTI kernel tracer can cost, so the kernel meter's
                   figure next to it says how much of its cost is CUPTI's own
@@ -66,8 +61,8 @@ import time
 import numpy as np
 from paired_stats import median_ci
 
-MODES = ("none_again", "meter", "meter_kernels", "meter_kernels_only", "meter_ranges", "meter_kernels_paused",
-         "meter_kernels_duty", "cupti_floor", "torch_profiler")
+MODES = ("none_again", "meter", "meter_kernels", "meter_kernels_only", "meter_ranges", "cupti_floor",
+         "torch_profiler")
 PRISTINE_MODES = ("none_again", "meter")  # phase 1: no CUPTI in the process yet
 GOALS = {"meter": 0.005, "meter_kernels": 0.03}  # the per-kernel issue's overhead goals
 SETTLE_S = 0.05
@@ -110,7 +105,6 @@ def main() -> int:
     ap.add_argument("--pristine-share", type=float, default=0.3, help="share of the budget for phase 1")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--duty", type=float, default=0.25, help="meter_kernels_duty's kernel_duty")
     ap.add_argument("--json")
     ap.add_argument("--top-kernels-md")
     ap.add_argument("--top-seconds", type=float, default=8.0,
@@ -230,43 +224,6 @@ def main() -> int:
             seen["records_per_batch"] = r["records_per_batch"]
         return r
 
-    def paused() -> dict:
-        """A kernel meter whose tracer is paused for the timed loop (the pause timed with it), then resumed."""
-        from wattscope import _session
-
-        tracing = _session.current().kernel_tracing()
-
-        def body(_) -> dict:
-            tracer = tracing._active  # the recording KernelTracer: a bench probe, not public API
-            torch.cuda.synchronize()
-            t, cpu = time.perf_counter(), time.thread_time()
-            t_toggle = time.perf_counter()
-            tracer.pause()
-            pause_s = time.perf_counter() - t_toggle
-            for _ in range(n_chunk):
-                step()
-            cpu_s = time.thread_time() - cpu
-            torch.cuda.synchronize()
-            r = {"s": time.perf_counter() - t, "cpu_s": cpu_s, "toggles": 1, "toggle_s": pause_s}
-            t_toggle = time.perf_counter()
-            tracer.resume()
-            r["resume_s"] = time.perf_counter() - t_toggle
-            return r
-
-        return windowed(lambda: wattscope.PowerMeter(args.device, kernels=True).start(), stop, body)[0]
-
-    def duty_cycled() -> dict:
-        r, m = windowed(lambda: wattscope.PowerMeter(args.device, kernels=True, kernel_duty=args.duty).start(), stop)
-        if "meter_kernels_duty" not in first_seen:
-            first_seen.add("meter_kernels_duty")
-            att = m.kernel_attribution(method="overlap")
-            tl = att.timeline
-            real = tl.kind != "untraced"
-            r.update(records_per_batch=int(real.sum()) / (n_chunk + 1), dropped=tl.dropped,
-                     untraced_s=float((tl.end_ns[~real] - tl.start_ns[~real]).sum()) / 1e9,
-                     pauses=len(m._kernel_capture.paused))
-        return r
-
     def run_profiler() -> dict:
         from torch.profiler import ProfilerActivity, profile
 
@@ -309,7 +266,6 @@ def main() -> int:
                "meter_kernels": lambda: traced(False, "meter_kernels"),
                "meter_kernels_only": lambda: traced(False, "meter_kernels_only", copies=False),
                "meter_ranges": lambda: traced(True, "meter_ranges"),
-               "meter_kernels_paused": paused, "meter_kernels_duty": duty_cycled,
                "cupti_floor": cupti_floor, "torch_profiler": run_profiler}
 
     def tput(r: dict) -> float:
@@ -341,12 +297,6 @@ def main() -> int:
                 extra = ""
                 if "records_per_batch" in r:
                     extra = f"  kernel records/batch {r['records_per_batch']:.1f} dropped {r['dropped']}"
-                if "untraced_s" in r:
-                    extra += f" untraced {r['untraced_s']:.3f} s"
-                if "pauses" in r:
-                    extra += f" in {r['pauses']} pauses"
-                if "toggles" in r:
-                    extra += f"  pause {r['toggle_s'] * 1e3:.3f} ms, resume {r['resume_s'] * 1e3:.3f} ms"
                 if "cuda_events_per_batch" in r:
                     extra = f"  profiler CUDA events/batch {r['cuda_events_per_batch']:.1f}"
                 print(f"  round {rounds:3} {mode:15} {tput(r):8.1f} img/s (none around it {ref_tput:8.1f}) "
@@ -390,11 +340,6 @@ def main() -> int:
                 summary[mode]["extra_us_per_launch"] = extra_us / per_launch
                 launch = f"{extra_us / per_launch:+.3f}"
             print(f"{mode:15} {extra_us:+15.1f} {launch:>16} {carry * 100:+22.2f} %")
-            if any("toggles" in c for c in cs):
-                summary[mode]["pause_ms_median"] = statistics.median(c["toggle_s"] for c in cs) * 1e3
-                summary[mode]["resume_ms_median"] = statistics.median(c["resume_s"] for c in cs) * 1e3
-                print(f"{'':15} a pause takes {summary[mode]['pause_ms_median']:.3f} ms, a resume "
-                      f"{summary[mode]['resume_ms_median']:.3f} ms (medians, on the launching thread)")
         return {"chunks": chunks, "nones": nones, "summary": summary, "rounds": rounds}
 
     t_start = time.monotonic()
@@ -434,28 +379,6 @@ def main() -> int:
             with open(args.top_kernels_md, "w") as f:
                 f.write("\n".join(lines) + "\n")
         out.update(top_kernels=top.to_dict(orient="records"), method=att.method)
-        if "meter_kernels_duty" in modes_wanted:
-            # The same number of batches traced with the duty cycle: its extrapolated table against the full one.
-            with wattscope.PowerMeter(args.device, kernels=True, kernel_duty=args.duty) as md:
-                loop(n_top)
-            datt = md.kernel_attribution(method=att.method)
-            drows = datt.table.set_index("name")
-            print(f"\nthe same {n_top} batches with kernel_duty={args.duty:g} ({datt.method} estimator, window "
-                  f"{md.result.duration_s:.2f} s, {md.result.energy_j:.0f} J):")
-            for note in datt.notes:
-                print("  note:", note)
-            print(f"  {'kernel':60} {'full J':>9} {'duty J':>9} {'± J':>7} {'duty/full':>9} {'calls d/f':>9}")
-            compare = []
-            for _, row in top.iterrows():
-                d = drows.loc[row["name"]] if row["name"] in drows.index else None
-                dj = float(d["energy_j"]) if d is not None else 0.0
-                du = float(d["uncertainty_j"]) if d is not None else float("nan")
-                calls = float(d["calls"]) / row["calls"] if d is not None and row["calls"] else float("nan")
-                compare.append({"name": row["name"], "full_j": float(row["energy_j"]), "duty_j": dj,
-                                "duty_uncertainty_j": du, "calls_ratio": calls})
-                print(f"  {row['name'][:60]:60} {row['energy_j']:9.2f} {dj:9.2f} {du:7.2f} "
-                      f"{dj / row['energy_j']:9.3f} {calls:9.3f}")
-            out["duty_compare"] = {"duty": args.duty, "window_j": md.result.energy_j, "rows": compare}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

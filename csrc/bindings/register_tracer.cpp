@@ -28,7 +28,6 @@ TracerConfig tracer_config_from_kwargs(const py::kwargs& kw) {
     else if (key == "memset") c.memset = v.cast<bool>();
     else if (key == "ranges") c.ranges = v.cast<bool>();
     else if (key == "range_pair_capacity") c.range_pair_capacity = v.cast<std::size_t>();
-    else if (key == "duty_off_quanta") c.duty_off_quanta = v.cast<uint32_t>();
     else throw py::type_error("unknown kernel tracer option: " + key);
   }
   return c;
@@ -63,9 +62,6 @@ py::dict snapshot_to_dict(TracerSnapshot&& s) {
   out["records_overflow"] = s.records_overflow;
   out["records_incomplete"] = s.records_incomplete;
   out["clock_segments"] = s.clock_segments;
-  out["paused_start_ns"] = to_numpy(std::move(s.paused_start_ns));
-  out["paused_stop_ns"] = to_numpy(std::move(s.paused_stop_ns));
-  out["pauses_refused"] = s.pauses_refused;
   return out;
 }
 
@@ -87,7 +83,9 @@ void register_tracer(py::module_& m) {
       .def("push_range", &CuptiLibrary::push_range, py::arg("range_id"),
            "Push range_id on this thread's CUSTOM2 external-correlation stack; returns CUPTI's code (0: success).")
       .def("pop_range", &CuptiLibrary::pop_range,
-           "Pop this thread's innermost range id; returns CUPTI's code (0: success).");
+           "Pop this thread's innermost range id; returns CUPTI's code (0: success).")
+      .def("finalize", &CuptiLibrary::finalize, py::call_guard<py::gil_scoped_release>(),
+           "cuptiFinalize, at the interpreter's exit only (kernel_session.detach_at_exit); returns CUPTI's code.");
 
   // Held by shared_ptr so that the sampler's flush chore can refer to a tracer weakly (set_tracer_flush).
   py::class_<KernelTracer, std::shared_ptr<KernelTracer>>(m, "KernelTracer")
@@ -98,11 +96,7 @@ void register_tracer(py::module_& m) {
       .def("start", &KernelTracer::start, py::call_guard<py::gil_scoped_release>())
       .def("stop", &KernelTracer::stop, py::call_guard<py::gil_scoped_release>())
       .def("flush", &KernelTracer::flush, py::arg("forced") = false, py::call_guard<py::gil_scoped_release>())
-      .def("pause", &KernelTracer::pause, py::call_guard<py::gil_scoped_release>())
-      .def("resume", &KernelTracer::resume, py::call_guard<py::gil_scoped_release>())
-      .def("service", &KernelTracer::service, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("running", &KernelTracer::running)
-      .def_property_readonly("paused", &KernelTracer::paused)
       .def("snapshot",
            [](const KernelTracer& t) {
              TracerSnapshot snap;
@@ -155,13 +149,13 @@ void register_tracer(py::module_& m) {
         std::weak_ptr<KernelTracer> weak = tracer;
         sampler.set_chore(
             [weak] {
-              if (auto t = weak.lock()) t->service();
+              if (auto t = weak.lock()) t->try_flush();
             },
             static_cast<int64_t>(period_s * 1e9));
       },
       py::arg("sampler"), py::arg("tracer"), py::arg("period_s") = 0.25,
-      "Have the sampler thread service the tracer every period_s (None: stop): flush its CUPTI buffers, so a long "
-      "window never runs out of them, and step its duty cycle (one quantum per call).");
+      "Have the sampler thread flush the tracer's CUPTI buffers every period_s (None: stop), so a long window never "
+      "runs out of them.");
 }
 
 }  // namespace wattscope::bindings

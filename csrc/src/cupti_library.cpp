@@ -130,12 +130,17 @@ CuptiLibrary::CuptiLibrary(void* dl, std::string path, bool reused)
   resolve(dl_, "cuptiActivityGetNumDroppedRecords", sym_.dropped_records);
   resolve(dl_, "cuptiActivityPushExternalCorrelationId", sym_.push_external_id);
   resolve(dl_, "cuptiActivityPopExternalCorrelationId", sym_.pop_external_id);
+  resolve(dl_, "cuptiFinalize", sym_.finalize);
   if (sym_.get_version != nullptr) check("cuptiGetVersion", sym_.get_version(&version_));
 }
 
 CUptiResult CuptiLibrary::push_range(uint64_t id) const {
   if (!has_ranges()) return kCuptiSymbolMissing;
   return sym_.push_external_id(CUPTI_EXTERNAL_CORRELATION_KIND_CUSTOM2, id);
+}
+
+CUptiResult CuptiLibrary::finalize() const {
+  return sym_.finalize == nullptr ? kCuptiSymbolMissing : sym_.finalize();
 }
 
 CUptiResult CuptiLibrary::pop_range() const {

@@ -468,10 +468,6 @@ void KernelTracer::start() {
     failures_dropped_ = 0;
   }
   flushes_ = 0;
-  paused_ = false;
-  paused_stretches_.clear();
-  pauses_refused_ = 0;
-  quantum_ = 0;
   const CuptiSymbols& sym = cupti_->sym();
   try {
     cupti_->check("cuptiActivityRegisterCallbacks", sym.register_callbacks(on_buffer_request, on_buffer_complete));
@@ -522,14 +518,9 @@ void KernelTracer::stop() {
   std::lock_guard<std::mutex> lk(control_mu_);
   if (!running_) return;
   const CuptiSymbols& sym = cupti_->sym();
-  if (paused_) {
-    paused_stretches_.back().second = mono_now_ns();  // the kinds are disabled already
-    paused_ = false;
-  } else {
-    for (uint32_t kind : enabled_kinds_) {
-      if (const CUptiResult rc = sym.disable(kind); rc != CUPTI_SUCCESS) {
-        record_failure(cupti_->capture("cuptiActivityDisable", rc));
-      }
+  for (uint32_t kind : enabled_kinds_) {
+    if (const CUptiResult rc = sym.disable(kind); rc != CUPTI_SUCCESS) {
+      record_failure(cupti_->capture("cuptiActivityDisable", rc));
     }
   }
   enabled_kinds_.clear();
@@ -551,76 +542,9 @@ bool KernelTracer::flush(bool forced) {
   return flush_locked(forced);
 }
 
-void KernelTracer::service() {
+bool KernelTracer::try_flush() {
   std::unique_lock<std::mutex> lk(control_mu_, std::try_to_lock);
-  if (!lk.owns_lock() || !running_) return;
-  if (config_.duty_off_quanta > 0) {
-    if (quantum_++ % (uint64_t{config_.duty_off_quanta} + 1) == 0) {
-      resume_locked();
-    } else {
-      pause_locked();
-    }
-  }
-  flush_locked(false);
-}
-
-bool KernelTracer::pause() {
-  std::lock_guard<std::mutex> lk(control_mu_);
-  return pause_locked();
-}
-
-bool KernelTracer::resume() {
-  std::lock_guard<std::mutex> lk(control_mu_);
-  return resume_locked();
-}
-
-bool KernelTracer::pause_locked() {
-  if (!running_ || paused_) return false;
-  if (paused_stretches_.size() >= kMaxPausedStretches) {
-    pauses_refused_ += 1;
-    return false;
-  }
-  // Stamped before the first disable: a kernel launched from here on may be unrecorded.
-  const int64_t t_ns = mono_now_ns();
-  if (!switch_kinds_locked(false)) return false;
-  paused_ = true;
-  paused_stretches_.emplace_back(t_ns, -1);
-  return true;
-}
-
-bool KernelTracer::resume_locked() {
-  if (!running_ || !paused_) return false;
-  // CUPTI's documented sequence between disabling a kind and enabling it again: a forced flush. Without one, two of
-  // three H100 overhead runs that paused while kernels launched died mid-run (a double free, a segfault; session 7).
-  // Here rather than at the pause: a forced flush hands back the kernels still running untimed, and at the pause
-  // that lost the kernel running then (its time left as idle: the fit went wrong); a quarter-second later those
-  // have finished and come back whole.
-  if (const CUptiResult rc = cupti_->sym().flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED); rc != CUPTI_SUCCESS) {
-    record_failure(cupti_->capture("cuptiActivityFlushAll", rc));
-  }
-  if (!switch_kinds_locked(true)) return false;
-  // Stamped after the last enable: every kernel launched from here on is recorded.
-  paused_stretches_.back().second = mono_now_ns();
-  paused_ = false;
-  return true;
-}
-
-bool KernelTracer::switch_kinds_locked(bool on) {
-  const CuptiSymbols& sym = cupti_->sym();
-  const auto turn = [&sym](uint32_t kind, bool to) { return to ? sym.enable(kind) : sym.disable(kind); };
-  std::size_t done = 0;
-  for (; done < enabled_kinds_.size(); ++done) {
-    if (const CUptiResult rc = turn(enabled_kinds_[done], on); rc != CUPTI_SUCCESS) {
-      record_failure(cupti_->capture(on ? "cuptiActivityEnable" : "cuptiActivityDisable", rc));
-      break;
-    }
-  }
-  if (done == enabled_kinds_.size()) return true;
-  // All or nothing: a half-switched tracer would record some kinds in a stretch reported untraced, or miss some in
-  // one reported traced. Kinds go back on only after a forced flush, as in a resume.
-  if (!on) cupti_->sym().flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
-  for (std::size_t i = 0; i < done; ++i) turn(enabled_kinds_[i], !on);
-  return false;
+  return lk.owns_lock() && flush_locked(false);
 }
 
 bool KernelTracer::flush_locked(bool forced) {
@@ -637,11 +561,6 @@ bool KernelTracer::flush_locked(bool forced) {
 bool KernelTracer::running() const {
   std::lock_guard<std::mutex> lk(control_mu_);
   return running_;
-}
-
-bool KernelTracer::paused() const {
-  std::lock_guard<std::mutex> lk(control_mu_);
-  return paused_;
 }
 
 void KernelTracer::take_clock_point(bool throw_on_failure) {
@@ -686,16 +605,11 @@ void KernelTracer::record_failure(CuptiFailure f) {
 
 TracerSnapshot KernelTracer::snapshot() const {
   std::shared_ptr<TracerCore> core;
-  TracerSnapshot out;
   {
     std::lock_guard<std::mutex> lk(control_mu_);
     core = core_;
-    for (const auto& [start_ns, stop_ns] : paused_stretches_) {
-      out.paused_start_ns.push_back(start_ns);
-      out.paused_stop_ns.push_back(stop_ns);
-    }
-    out.pauses_refused = pauses_refused_;
   }
+  TracerSnapshot out;
   if (core == nullptr) return out;
   CuptiClockFit clock;
   {

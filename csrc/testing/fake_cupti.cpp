@@ -31,6 +31,7 @@ enum Fn : int {
   kGetNumDroppedRecords,
   kPushExternalCorrelationId,
   kPopExternalCorrelationId,
+  kFinalize,
   kFnCount,
 };
 
@@ -38,7 +39,7 @@ constexpr const char* kFnNames[kFnCount] = {
     "cuptiGetVersion",       "cuptiGetTimestamp",          "cuptiActivityRegisterCallbacks",
     "cuptiActivityEnable",   "cuptiActivityDisable",       "cuptiActivityFlushAll",
     "cuptiActivityGetNextRecord", "cuptiActivityGetNumDroppedRecords", "cuptiActivityPushExternalCorrelationId",
-    "cuptiActivityPopExternalCorrelationId",
+    "cuptiActivityPopExternalCorrelationId", "cuptiFinalize",
 };
 
 int find_fn(const char* name) {
@@ -297,6 +298,27 @@ FAKE_CUPTI_EXPORT CUptiResult cuptiActivityFlushAll(uint32_t flag) {
     if (!done.empty()) s.last_completed = done.back();
   }
   for (const HeldBuffer& b : done) complete(nullptr, 0, b.data, b.size, b.used);
+  return CUPTI_SUCCESS;
+}
+
+// As CUPTI documents it: every buffer still held goes back to the registered callback, then the activity state is
+// gone (kinds off, callbacks forgotten) until the next call re-initialises it.
+FAKE_CUPTI_EXPORT CUptiResult cuptiFinalize(void) {
+  State& s = state();
+  std::vector<HeldBuffer> done;
+  CUpti_BuffersCallbackCompleteFunc complete = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    if (const int rc = s.enter(kFinalize); rc != CUPTI_SUCCESS) return rc;
+    complete = s.complete;
+    done.swap(s.held);
+    for (bool& e : s.enabled) e = false;
+    s.request = nullptr;
+    s.complete = nullptr;
+  }
+  if (complete != nullptr) {
+    for (const HeldBuffer& b : done) complete(nullptr, 0, b.data, b.size, b.used);
+  }
   return CUPTI_SUCCESS;
 }
 

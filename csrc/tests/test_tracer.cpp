@@ -456,57 +456,6 @@ void test_concurrent_flush_stop_snapshot() {
 
 
 
-void test_pause_resume_records_the_untraced_stretch() {
-  KernelTracer t(open_fake(), TracerConfig{});
-  CHECK(!t.pause());  // not running: nothing to pause
-  t.start();
-  sleep_ms(1);
-  std::vector<Injected> expected{inject_kernel_now("before", 1, 1)};
-  const int64_t before_pause = mono_now_ns();
-  CHECK(t.pause());
-  const int64_t after_pause = mono_now_ns();
-  CHECK(t.paused());
-  CHECK(!t.pause());  // already paused
-  CHECK_EQ(fake.enabled(kKernel), 0);
-  CHECK_EQ(fake.enabled(kMemcpy), 0);
-  const int64_t now = mono_now_ns();
-  CHECK_EQ(fake.inject(kKernel, 0, 1, "unseen", now - 20 * kUs, now - 10 * kUs, 2), 0);
-  CHECK(t.flush());  // flushing while paused is allowed
-  TracerSnapshot open = t.snapshot();
-  CHECK_EQ(open.paused_start_ns.size(), 1u);
-  if (open.paused_start_ns.size() == 1) {
-    CHECK_GE(open.paused_start_ns[0], before_pause);
-    CHECK_LE(open.paused_start_ns[0], after_pause);
-    CHECK_EQ(open.paused_stop_ns[0], -1);
-  }
-  sleep_ms(1);
-  const int64_t before_resume = mono_now_ns();
-  CHECK(t.resume());
-  const int64_t after_resume = mono_now_ns();
-  CHECK(!t.paused());
-  CHECK_EQ(fake.enabled(kKernel), 1);
-  CHECK_EQ(fake.enabled(kMemset), 1);
-  sleep_ms(1);
-  expected.push_back(inject_kernel_now("after", 1, 3));
-  t.pause();  // stop() closes a stretch still open
-  t.stop();
-  const TracerSnapshot snap = t.snapshot();
-  check_records(snap, expected);
-  CHECK_EQ(snap.paused_start_ns.size(), 2u);
-  if (snap.paused_start_ns.size() == 2) {
-    CHECK_GE(snap.paused_stop_ns[0], before_resume);
-    CHECK_LE(snap.paused_stop_ns[0], after_resume);
-    CHECK_GE(snap.paused_stop_ns[1], snap.paused_start_ns[1]);
-  }
-  CHECK_EQ(fake.enabled(kKernel), 0);
-  CHECK(!t.resume());  // stopped
-  // A new recording forgets the last one's stretches.
-  t.start();
-  CHECK_EQ(t.snapshot().paused_start_ns.size(), 0u);
-  t.stop();
-  CHECK(t.failures().empty());
-}
-
 void test_a_buffer_completed_twice_is_counted_not_parsed_again() {
   TracerConfig cfg;
   cfg.buffer_bytes = 4096;
@@ -539,58 +488,23 @@ void test_a_buffer_completed_twice_is_counted_not_parsed_again() {
   CHECK_EQ(again.snapshot().buffers_duplicate, 0u);
 }
 
-void test_failed_resume_stays_paused_and_reports() {
+void test_try_flush_flushes_unless_busy() {
+  KernelTracer t(open_fake(), TracerConfig{});
+  CHECK(!t.try_flush());  // not running
+  t.start();
+  CHECK(t.try_flush());
+  CHECK(t.try_flush());
+  CHECK_EQ(t.stats().flushes, 2ull);
+  t.stop();
+  CHECK(!t.try_flush());
+}
+
+void test_concurrent_try_flush_and_stop() {
   KernelTracer t(open_fake(), TracerConfig{});
   t.start();
-  CHECK(t.pause());
-  // The next enable (of the kernel kind) succeeds, the one after (memcpy) fails: all or nothing.
-  fake.fail("cuptiActivityEnable", 1, 1);
-  CHECK(!t.resume());
-  CHECK(t.paused());
-  CHECK_EQ(fake.enabled(kKernel), 0);  // rolled back
-  CHECK_EQ(t.failures().size(), 1u);
-  fake.fail("cuptiActivityEnable", 0, 0);
-  CHECK(t.resume());
-  const TracerSnapshot snap = t.snapshot();
-  CHECK_EQ(snap.paused_start_ns.size(), 1u);  // one stretch, closed by the resume that worked
-  if (!snap.paused_stop_ns.empty()) CHECK_GT(snap.paused_stop_ns[0], snap.paused_start_ns[0]);
-  t.stop();
-}
-
-void test_service_steps_the_duty_cycle() {
-  TracerConfig cfg;
-  cfg.duty_off_quanta = 2;  // traced 1 quantum in 3
-  KernelTracer t(open_fake(), cfg);
-  t.start();
-  std::vector<int> traced;
-  for (int i = 0; i < 7; ++i) {
-    t.service();
-    traced.push_back(fake.enabled(kKernel));
-  }
-  CHECK((traced == std::vector<int>{1, 0, 0, 1, 0, 0, 1}));
-  CHECK_EQ(t.stats().flushes, 7ull);  // every step flushes too
-  t.stop();
-  const TracerSnapshot snap = t.snapshot();
-  CHECK_EQ(snap.paused_start_ns.size(), 2u);
-  for (int64_t stop_ns : snap.paused_stop_ns) CHECK_GT(stop_ns, 0);
-  // Without a duty cycle, service only flushes.
-  KernelTracer plain(open_fake(), TracerConfig{});
-  plain.start();
-  plain.service();
-  plain.service();
-  CHECK(!plain.paused());
-  CHECK_EQ(plain.stats().flushes, 2ull);
-  plain.stop();
-}
-
-void test_concurrent_service_and_stop() {
-  TracerConfig cfg;
-  cfg.duty_off_quanta = 1;
-  KernelTracer t(open_fake(), cfg);
-  t.start();
   std::atomic<bool> done{false};
-  std::thread servicer([&] {
-    while (!done.load()) t.service();
+  std::thread flusher([&] {
+    while (!done.load()) t.try_flush();
   });
   std::thread producer([&] {
     for (uint32_t i = 0; !done.load(); ++i) {
@@ -601,17 +515,13 @@ void test_concurrent_service_and_stop() {
   sleep_ms(30);
   t.stop();
   done = true;
-  servicer.join();
+  flusher.join();
   producer.join();
   CHECK(!t.running());
   CHECK_EQ(fake.enabled(kKernel), 0);
   CHECK_EQ(fake.buffers_held(), 0u);
-  const TracerSnapshot snap = t.snapshot();
-  for (std::size_t i = 0; i < snap.paused_start_ns.size(); ++i) {
-    CHECK_GE(snap.paused_stop_ns[i], snap.paused_start_ns[i]);  // every stretch closed, none reversed
-  }
+  CHECK_GT(t.snapshot().start_ns.size(), 0u);
 }
-
 
 // Another client (Kineto) stops without a forced flush and frees the buffer CUPTI still holds: our start must make
 // CUPTI hand it back (to our callback, which must not touch it) before any record of ours can be written there.
@@ -758,11 +668,9 @@ const TestCase kTests[] = {
     {"stop_without_start_and_idempotence", test_stop_without_start_and_idempotence},
     {"stop_with_cupti_failing", test_stop_with_cupti_failing},
     {"concurrent_flush_stop_snapshot", test_concurrent_flush_stop_snapshot},
-    {"pause_resume_records_the_untraced_stretch", test_pause_resume_records_the_untraced_stretch},
-    {"failed_resume_stays_paused_and_reports", test_failed_resume_stays_paused_and_reports},
     {"a_buffer_completed_twice_is_counted_not_parsed_again", test_a_buffer_completed_twice_is_counted_not_parsed_again},
-    {"service_steps_the_duty_cycle", test_service_steps_the_duty_cycle},
-    {"concurrent_service_and_stop", test_concurrent_service_and_stop},
+    {"try_flush_flushes_unless_busy", test_try_flush_flushes_unless_busy},
+    {"concurrent_try_flush_and_stop", test_concurrent_try_flush_and_stop},
 };
 
 }  // namespace

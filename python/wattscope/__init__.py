@@ -23,7 +23,7 @@ from .errors import (
 )
 from .kernel_session import KernelTracingUnavailableError  # kernel tracing (kernel_session.py)
 from .measurement import GpuEnergy, Measurement, to_frame
-from .meter import ExperimentalWarning, LivePower, MeasurementWarning, PowerMeter
+from .meter import LivePower, MeasurementWarning, PowerMeter
 from .rapl import CpuEnergy, RaplMeter
 
 __version__ = "0.1.0"
@@ -52,7 +52,6 @@ def configure_sampler(**options: Any) -> None:
 __all__ = [
     "CpuEnergy",
     "DeviceNotFoundError",
-    "ExperimentalWarning",
     "GpuEnergy",
     "GpuInfo",
     "GpuLostError",

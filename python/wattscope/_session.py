@@ -5,7 +5,8 @@ cheap (a clock read and a counter). The thread is started by the first meter, li
 one (so results can collect the samples that cover a window's end) and then stops by itself.
 
 Fork: a child starts with a fresh, empty session (the parent's thread does not exist there). Exit: an atexit hook
-stops the thread, so a meter left running never outlives the interpreter.
+stops the thread, so a meter left running never outlives the interpreter, and the kernel tracing (detaching CUPTI
+when a torch.profiler session left Kineto attached: kernel_session.KernelTracing.detach_at_exit).
 """
 
 from __future__ import annotations
@@ -99,12 +100,15 @@ class Session:
                 self._slots[nvml_index] = slot
             return slot
 
-    def shutdown(self) -> None:
+    def shutdown(self, at_exit: bool = False) -> None:
         with _lock:
             sampler = self._sampler
             tracing = self._kernel_tracing
         if tracing is not None and os.getpid() == self.pid:
-            tracing.shutdown()
+            if at_exit:
+                tracing.detach_at_exit()
+            else:
+                tracing.shutdown()
         if sampler is not None and os.getpid() == self.pid:
             sampler.stop()
 
@@ -136,4 +140,4 @@ def _after_fork_in_child() -> None:
 
 _orphans: list[Session] = []
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(lambda: _current.shutdown())
+atexit.register(lambda: _current.shutdown(at_exit=True))

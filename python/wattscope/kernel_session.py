@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import kernel_sampling, profiler_guard
+from . import profiler_guard
 from .errors import WattscopeError
 from .kernels import KernelTimeline
 from .ranges import RangeRecorder, hook_torch_nvtx, range_ids
@@ -55,12 +55,10 @@ def _unavailable(cause: Exception) -> KernelTracingUnavailableError:
 class Lease:
     """A meter's hold on the session's tracing, from ``KernelTracing.acquire``; ``run`` tells tracing runs apart
     (a shutdown ends one), so a lease from before a shutdown releases nothing. ``ranges``: whether this run records
-    user ranges; ``duty_off_quanta``: how many flush periods it pauses after each traced one (0: it traces all the
-    time). The first meter of a run decides both."""
+    user ranges (the first meter of a run decides)."""
 
     run: int
     ranges: bool = False
-    duty_off_quanta: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,9 +67,7 @@ class KernelCapture:
 
     ``untraced`` lists the stretches of the window in which another CUPTI client (torch.profiler) held the activity
     API, as ``(start_ns, stop_ns, holder)``: kernels ran there unseen, so attribution puts that time in its own
-    ``[untraced]`` row instead of ``[idle]``. ``paused``: the duty cycle's pauses around the window, as host stamps
-    ``(p, r)`` (kernel_sampling.py finds the GPU time each left untraced); ``sampled``: the window was traced with a
-    duty cycle, so attribution extrapolates over its untraced time.
+    ``[untraced]`` row instead of ``[idle]``.
 
     ``ranges``: (name, parent id) of the user ranges the records' ``range_id`` refer to (ranges.py), or None when
     the window was not traced with ranges (``ranges_unavailable`` then says why); ``ranges_overflow`` counts entries
@@ -81,8 +77,6 @@ class KernelCapture:
     unavailable: str | None = None
     failures: tuple[str, ...] = ()
     untraced: tuple[tuple[int, int, str], ...] = ()
-    paused: tuple[tuple[int, int], ...] = ()
-    sampled: bool = False
     ranges: dict[int, tuple[str, int]] | None = None
     ranges_unavailable: str | None = None
     ranges_overflow: int = 0
@@ -111,27 +105,23 @@ class KernelTracing:
         self._pid = os.getpid()  # a forked child's profiler must not drive the parent's tracers
         self.ranges = RangeRecorder()
         self._ranges_on = False  # this run's tracers record user ranges
-        self._duty_off_quanta = 0  # this run's duty cycle (TracerConfig::duty_off_quanta)
         self._ranges_why = _RANGES_NOT_ASKED  # why this run records no ranges
 
     def configure(self, **options: Any) -> None:
         """KernelTracer options (``buffer_bytes``, ``buffer_count``, ``capacity``, ``range_pair_capacity``, ...) for
         the next start."""
-        if "ranges" in options or "duty_off_quanta" in options:
-            raise ValueError("ranges and the duty cycle are asked for per meter: PowerMeter(kernels=True, "
-                             "ranges=True) or PowerMeter(kernels=True, kernel_duty=0.25)")
+        if "ranges" in options:
+            raise ValueError("ranges are asked for per meter: PowerMeter(kernels=True, ranges=True)")
         with self._lock:
             self._options = dict(options)
 
-    def acquire(self, ranges: bool = False, duty_off_quanta: int = 0) -> Lease:
-        """Hold the tracing (started if needed, recording user ranges when ``ranges``, tracing one flush period in
-        ``duty_off_quanta + 1``; a run already going keeps its settings, which the lease reports). Raises
-        KernelTracingUnavailableError when CUPTI cannot start."""
+    def acquire(self, ranges: bool = False) -> Lease:
+        """Hold the tracing (started if needed, recording user ranges when ``ranges``; a run already going keeps
+        its setting, which the lease reports). Raises KernelTracingUnavailableError when CUPTI cannot start."""
         profiler_guard.watch(self)
         with self._lock:
             if self._users == 0:
                 self._ranges_on, self._ranges_why = ranges, _RANGES_NOT_ASKED
-                self._duty_off_quanta = duty_off_quanta
                 self._segments, self._untraced = [], []
                 # Asked afresh at every first use: a holder remembered from an earlier run may have gone without
                 # telling us (a profiler that began before the wrappers were installed).
@@ -141,7 +131,7 @@ class KernelTracing:
                 else:
                     self._start()
             self._users += 1
-            return Lease(self._run, self._ranges_on, self._duty_off_quanta)
+            return Lease(self._run, self._ranges_on)
 
     def release(self, lease: Lease) -> None:
         with self._lock:
@@ -170,12 +160,6 @@ class KernelTracing:
                              "once)",)
             untraced = tuple((max(int(a), start_ns), min(stop_ns if b is None else int(b), stop_ns), holder)
                              for a, b, holder in self._untraced if a < stop_ns and (b is None or b > start_ns))
-            # Pauses whose hole may reach into the window: the GPU runs their kernels later than the host launched
-            # them, by up to the edge the records are kept for.
-            paused = tuple((p, stop_ns if r < 0 else r) for snap in snaps
-                           for p, r in zip(snap["paused_start_ns"].tolist(), snap["paused_stop_ns"].tolist(),
-                                           strict=True)
-                           if p < stop_ns and (r < 0 or r > start_ns - _EDGE_NS))
             ranges_on, ranges_why = lease.ranges, self._ranges_why  # a lease carries its run's setting
             ranges, overflow, lost = None, 0, 0
             if ranges_on:  # under the lock: a shutdown resets the recorder
@@ -185,8 +169,7 @@ class KernelTracing:
         parts = [timeline_from_snapshot(snap, start_ns, stop_ns, with_ranges=ranges_on) for snap in snaps]
         timeline = KernelTimeline.concat(parts)
         return KernelCapture(
-            timeline, failures=failures, untraced=untraced, paused=paused, sampled=lease.duty_off_quanta > 0,
-            ranges=ranges,
+            timeline, failures=failures, untraced=untraced, ranges=ranges,
             ranges_unavailable=None if ranges_on else ranges_why, ranges_overflow=overflow, range_pairs_lost=lost,
         )
 
@@ -226,6 +209,17 @@ class KernelTracing:
             self._stop_run()
             self._users = 0
 
+    def detach_at_exit(self) -> None:
+        """The interpreter's exit: stop tracing, then, if a torch.profiler session left Kineto's CUPTI subscriber
+        behind (profiler_guard.kineto_left_attached), detach CUPTI before the CUDA runtime's own exit handler releases
+        its context into that subscriber (a double free otherwise; profiler_guard's docstring). Not while a profiler
+        still runs: finalising would pull CUPTI from under it."""
+        self.shutdown()
+        with self._lock:
+            cupti = self._cupti
+        if cupti is not None and profiler_guard.kineto_left_attached() and not profiler_guard.profiler_active():
+            cupti.finalize()
+
     def _start(self) -> None:
         try:
             if self._cupti is None:
@@ -236,8 +230,7 @@ class KernelTracing:
                 self._ranges_on = False
                 self._ranges_why = (f"this libcupti ({self._cupti.path}) has no external correlation API, which "
                                     "ranges need (CUDA 8 or later)")
-            tracer = self._core.KernelTracer(self._cupti, **self._options, ranges=self._ranges_on,
-                                             duty_off_quanta=self._duty_off_quanta)
+            tracer = self._core.KernelTracer(self._cupti, **self._options, ranges=self._ranges_on)
             tracer.start()
         except WattscopeError as e:
             raise _unavailable(e) from e
@@ -297,8 +290,7 @@ def timeline_from_snapshot(snap: dict, start_ns: int, stop_ns: int, *, with_rang
     )
 
 
-def open_tracer(session: Any, mode: bool | str, ranges: bool = False,
-                duty_off_quanta: int = 0) -> tuple[Lease | None, KernelCapture | None]:
+def open_tracer(session: Any, mode: bool | str, ranges: bool = False) -> tuple[Lease | None, KernelCapture | None]:
     """For a meter's start: a lease on the session's tracing, or (``mode="auto"``, or a profiling tool that owns
     CUPTI) why there is none."""
     injected = os.environ.get(_INJECTION_ENV)
@@ -310,7 +302,7 @@ def open_tracer(session: Any, mode: bool | str, ranges: bool = False,
         warnings.warn(why, stacklevel=4)
         return None, KernelCapture(None, why)
     try:
-        return session.kernel_tracing().acquire(ranges, duty_off_quanta), None
+        return session.kernel_tracing().acquire(ranges), None
     except KernelTracingUnavailableError as e:
         if mode != "auto":
             raise
@@ -357,23 +349,13 @@ def attribute_gpu(
             )
     # attribute() aligns the stamps itself, so it takes the raw stamps the Measurement integrated.
     timeline = capture.timeline.for_device(gpu.cuda_index)
-    untraced = list(capture.untraced)
-    if capture.paused:
-        holes, fallbacks = kernel_sampling.gpu_stretches(list(capture.paused), timeline)
-        untraced += [(max(lo, start_ns), min(hi, stop_ns), kernel_sampling.HOLDER) for lo, hi in holes
-                     if lo < stop_ns and hi > start_ns]
-        if fallbacks:
-            notes += (f"{fallbacks} of {len(holes)} duty-cycle pauses left no gap in the GPU's records: their host "
-                      "stretches were taken as untraced",)
-    if untraced:
-        # One record per merged stretch: a duty hole may meet a torch.profiler stretch, a fallback a hole.
-        reasons = sorted({h for _, _, h in untraced})
-        merged = kernel_sampling.merge_stretches([(a, b) for a, b, _ in untraced])
-        timeline = KernelTimeline.concat([timeline, KernelTimeline.untraced(merged, gpu.cuda_index)])
-        if not capture.sampled:  # a sampled window's note comes from the extrapolation, which removes the row
-            total_ns = sum(b - a for a, b in merged)
-            notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({'; '.join(reasons)}): "
-                      "that time's energy is the [untraced] row",)
+    if capture.untraced:  # torch.profiler's sessions, one after another: the stretches do not overlap
+        stretches = [(a, b) for a, b, _ in capture.untraced]
+        timeline = KernelTimeline.concat([timeline, KernelTimeline.untraced(stretches, gpu.cuda_index)])
+        total_ns = sum(b - a for a, b in stretches)
+        reasons = sorted({h for _, _, h in capture.untraced})
+        notes += (f"kernels were not traced for {total_ns / 1e9:.3f} s of the window ({'; '.join(reasons)}): that "
+                  "time's energy is the [untraced] row",)
 
     # The Measurement's own period and stamp shift: with the readings' median spacing instead, a short window's
     # rows missed its energy by 0.7 % once (H100, session 8), and a polled source's shift differs.
@@ -393,7 +375,4 @@ def attribute_gpu(
         att = run("overlap")
         notes += (f"method 'overlap' chosen: {e.reason}",)
     notes += tuple(f"kernel tracer failure: {f}" for f in capture.failures)
-    att = replace(att, notes=att.notes + notes) if notes else att
-    if capture.sampled:
-        att = kernel_sampling.extrapolate(att, [(a, b) for a, b, _ in untraced], group_by)
-    return att
+    return replace(att, notes=att.notes + notes) if notes else att

@@ -44,14 +44,13 @@ Class ``c`` is then credited ``P_c * busy_c`` (busy_c its union busy time inside
 idle power over the time it runs; ``[idle]`` is ``idle_w`` over the time nothing runs; ``[unattributed]`` is the
 window's energy minus the model's, which may be negative (it is how far the fitted model and the integral disagree).
 
-Untraced stretches (``[untraced]``: torch.profiler held CUPTI, or a duty cycle paused tracing) hold kernels that ran
-unseen, whose mix and power change from reading to reading; a single power for them left residuals of ~89 W there
-and biased the traced classes' powers, the copy class's by +18 to +30 %, in session 7's simulation (the steady
-workload of tests/test_kernel_sampling.py, four noise seeds, by an ad-hoc script not kept; the test now holds every
-class within 3 %). So the fit
-leaves out every reading the untraced time reaches (its response to it above 1 %), and ``[untraced]`` is credited
-what the rest of the window's energy leaves over (idle power over its time plus the remainder), with the remainder's
-uncertainty; ``[unattributed]`` is then 0. If too few readings are left, the stretches are fitted as a class.
+Untraced stretches (``[untraced]``: torch.profiler held CUPTI) hold kernels that ran unseen, whose mix and power
+change from reading to reading; a single power for them left residuals of ~89 W there and biased the traced classes'
+powers, one by +18 to +30 %, in a simulation of session 7 (an ad-hoc script, not kept). So the fit leaves out every
+reading the untraced time reaches (its response to it above 1 %), and ``[untraced]`` is credited what the rest of
+the window's energy leaves over (idle power over its time plus the remainder), with the remainder's
+uncertainty; ``[unattributed]`` is then 0 (tests/test_kernels.py holds the traced classes within 3 % of the truth
+around a 2 s stretch). If too few readings are left, the stretches are fitted as a class.
 
 The increments carry a weak prior: each is drawn towards the increment of "the GPU is busy with anything" (fitted
 first), with a width of 200 W. Its weight (noise variance over prior variance) is negligible for any class the
@@ -218,7 +217,7 @@ class KernelTimeline:
     @classmethod
     def untraced(cls, stretches: list[tuple[int, int]], device: int) -> KernelTimeline:
         """One ``[untraced]`` record per ``(start_ns, stop_ns)`` stretch of one device: time in which kernels ran
-        unseen (torch.profiler held CUPTI, a duty cycle paused tracing)."""
+        unseen (torch.profiler held CUPTI)."""
         n = len(stretches)
         return cls(np.array([a for a, _ in stretches], dtype=np.int64),
                    np.array([b for _, b in stretches], dtype=np.int64), np.array([UNTRACED] * n, dtype=object),

@@ -61,17 +61,6 @@ class MeasurementWarning(UserWarning):
     """A measurement finished but something about it deserves attention (a lost GPU, poor coverage)."""
 
 
-class ExperimentalWarning(UserWarning):
-    """A feature that has not yet been measured enough to be trusted in production (the message says what is open)."""
-
-
-_DUTY_EXPERIMENTAL = (
-    "kernel_duty < 1 is experimental: pausing CUPTI mid-recording killed two of three long H100 runs of an earlier "
-    "version (heap corruption), and the current one, which force-flushes at each resume as CUPTI's guide asks, has "
-    "not been run on a GPU yet (bench/RESULTS.md, session 7); use kernel_duty=1 where a crash would cost you"
-)
-
-
 class PowerMeter:
     """Measure the energy of GPU work.
 
@@ -91,12 +80,6 @@ class PowerMeter:
     ranges: with ``kernels``, also record user ranges: ``torch.cuda.nvtx.range`` / ``range_push`` / ``range_pop``
         and ``phase()``; ``m.ranges`` gives energy per range (ranges.py). It costs a CUPTI record per CUDA call, so
         it is off by default (bench/RESULTS.md has the measured cost).
-    kernel_duty: with ``kernels``, the share of time kernels are traced, rounded to 1/n (1/2, 1/3, 1/4, ...):
-        tracing runs for one quarter-second in n and is off for the others, which cuts its cost to about 1/n; the
-        per-kernel table is then extrapolated from the traced stretches, with the sampling error in its
-        uncertainty (kernel_sampling.py). For steady work (inference or training loops) whose launches the host
-        sets the pace of. Not with ``ranges``. The first kernel meter of a tracing run decides. Experimental: it
-        warns (``ExperimentalWarning``) until its current version has run cleanly on GPUs (bench/RESULTS.md).
     """
 
     def __init__(
@@ -109,7 +92,6 @@ class PowerMeter:
         strict: bool = False,
         kernels: bool | str = False,
         ranges: bool = False,
-        kernel_duty: float = 1.0,
     ) -> None:
         if kernels not in (False, True, "auto"):
             raise ValueError(f"kernels must be True, False or 'auto', got {kernels!r}")
@@ -117,7 +99,6 @@ class PowerMeter:
             raise ValueError(f"ranges must be True or False, got {ranges!r}")
         if ranges and not kernels:
             raise ValueError("ranges=True needs kernel tracing: PowerMeter(kernels=True, ranges=True)")
-        self._duty_off_quanta = _duty_off_quanta(kernel_duty, kernels, ranges)
         if wait_timeout_s < 0 or not math.isfinite(wait_timeout_s):
             raise ValueError(f"wait_timeout_s must be a non-negative number of seconds, got {wait_timeout_s!r}")
         self.devices = devices
@@ -162,7 +143,7 @@ class PowerMeter:
         self._kernel_tracer, self._kernel_capture, self._attributions = None, None, {}
         if self._kernels_mode:
             self._kernel_tracer, self._kernel_capture = kernel_session.open_tracer(
-                self._session, self._kernels_mode, self._ranges_mode, self._duty_off_quanta)
+                self._session, self._kernels_mode, self._ranges_mode)
         # -- end kernel tracing --
         self._session.sampler().acquire()
         self._sync()
@@ -219,8 +200,6 @@ class PowerMeter:
         self._bind()
         child = PowerMeter(self.devices, name=name, sync_cuda=self.sync_cuda, wait_timeout_s=self.wait_timeout_s,
                            strict=self.strict, kernels=kernels, ranges=ranges)
-        if kernels:
-            child._duty_off_quanta = self._duty_off_quanta
         child._gpus, child._slots, child._session = self._gpus, self._slots, self._session
         return child
 
@@ -497,21 +476,6 @@ class PowerMeter:
 # thread ~4 ms on H100: a decorator timing thousands of short calls a second would keep it busy reading.
 _COUNTER_REQUEST_MIN_NS = 100_000_000
 _last_counter_request_ns = -_COUNTER_REQUEST_MIN_NS
-
-
-def _duty_off_quanta(duty: float, kernels: bool | str, ranges: bool) -> int:
-    """kernel_duty as the tracer's pauses per traced quantum (1/duty - 1, rounded), with the errors users need."""
-    if isinstance(duty, bool) or not isinstance(duty, (int, float)) or not 0.001 <= duty <= 1:
-        raise ValueError(f"kernel_duty must be a share of the time in [0.001, 1], e.g. 0.25; got {duty!r}")
-    off = round(1 / duty) - 1
-    if off and not kernels:
-        raise ValueError("kernel_duty needs kernel tracing: PowerMeter(kernels=True, kernel_duty=0.25)")
-    if off and ranges:
-        raise ValueError("kernel_duty < 1 does not combine with ranges=True: a range's kernels would be traced in "
-                         "part, and ranges are not extrapolated; trace ranges with kernel_duty=1")
-    if off:
-        warnings.warn(_DUTY_EXPERIMENTAL, ExperimentalWarning, stacklevel=3)
-    return off
 
 
 def _request_counter(sampler: Any) -> None:

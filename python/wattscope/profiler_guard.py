@@ -17,11 +17,16 @@ time in between is reported as untraced, never as idle.
 Kineto on CUDA 12.6+ also tears CUPTI down after each session by default (cuptiFinalize, from a thread of its own,
 at the next CUDA call): that races the tracer wattscope starts again right after, and Kineto's own notes report
 crashes of CUPTI re-initialised after a teardown, which is why torch.compile turns the teardown off for CUDA graphs
-(``TEARDOWN_CUPTI=0``). On the H100, the GPU tests aborted at exit ("double free or corruption") in three of five
-runs that held the test tracing across a torch.profiler session together with the other kernel tests (that test
-alone exited cleanly twice; session 7): the trigger is not established, and this is the most plausible cause. So
-the first kernel meter sets ``TEARDOWN_CUPTI=0`` as torch.compile does, unless the user set it (a ``1`` is kept,
-with a warning). Kineto reads the variable when a session ends. Not yet confirmed on a GPU to end the aborts.
+(``TEARDOWN_CUPTI=0``). So the first kernel meter sets ``TEARDOWN_CUPTI=0`` as torch.compile does, unless the user
+set it (a ``1`` is kept, with a warning). Kineto reads the variable when a session ends.
+
+Without the teardown, Kineto's CUPTI callback subscriber outlives the session, and at exit that crashes: the CUDA
+runtime releases its context from an atexit handler, after the C++ static destructors freed Kineto's callback
+singleton, and CUPTI's context callback calls Kineto's switchboard, which frees the singleton a second time ("double
+free or corruption", H100: native stack libcudart -> cuDevicePrimaryCtxRelease -> libcupti ->
+libkineto::callback_switchboard -> CuptiCallbackApi's _M_dispose -> free, session 8; the GPU tests aborted at exit
+in 5 of 7 runs that traced across a profiler session). ``kineto_left_attached()`` says when that can happen, and the
+session detaches CUPTI (cuptiFinalize) from Python's atexit, which runs before both (kernel_session.py).
 
 If torch lacks these functions (another version), nothing is wrapped and ``profiler_active()`` falls back to
 torch's own ``_is_profiler_enabled`` flag, which is set only after Kineto took CUPTI: a meter opened while a
@@ -54,6 +59,7 @@ class Listener(Protocol):
 _lock = threading.Lock()
 _listeners: weakref.WeakSet[Any] = weakref.WeakSet()
 _active = False  # set between a wrapped prepare/enable and the wrapped disable
+_left_attached = False  # a session ended with TEARDOWN_CUPTI=0: Kineto's CUPTI subscriber is still there
 
 
 def watch(listener: Listener) -> None:
@@ -83,6 +89,12 @@ def _keep_cupti_attached() -> None:
 
 
 _warned_teardown = False
+
+
+def kineto_left_attached() -> bool:
+    """Whether a torch.profiler session ended here without Kineto tearing CUPTI down (its callback subscriber is
+    still registered, which crashes the process at exit unless CUPTI is detached first)."""
+    return _left_attached
 
 
 def profiler_active() -> bool:
@@ -126,8 +138,9 @@ def _notify(method: str) -> None:
 
 def _forget_in_child() -> None:
     # A forked child's profiler must not call into the parent's tracing (its sampler belongs to the parent).
-    global _active, _listeners
+    global _active, _listeners, _left_attached
     _active = False
+    _left_attached = False
     _listeners = weakref.WeakSet()
 
 
@@ -150,10 +163,11 @@ def _wrap_take(fn: Any) -> Any:
 def _wrap_release(fn: Any) -> Any:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        global _active
+        global _active, _left_attached
         try:
             return fn(*args, **kwargs)
         finally:
+            _left_attached = _left_attached or os.environ.get(TEARDOWN_ENV) == "0"
             # Always: a profiler that began before the wrappers were installed was never marked active, yet a meter
             # that saw it (profiler_active's fallback) waits for this resume; resume is idempotent.
             _active = False

@@ -64,5 +64,6 @@ typedef CUptiResult (*cuptiActivityGetNextRecord_fn)(uint8_t* buffer, size_t val
 typedef CUptiResult (*cuptiActivityGetNumDroppedRecords_fn)(CUcontext context, uint32_t streamId, size_t* dropped);
 typedef CUptiResult (*cuptiActivityPushExternalCorrelationId_fn)(uint32_t kind, uint64_t id);
 typedef CUptiResult (*cuptiActivityPopExternalCorrelationId_fn)(uint32_t kind, uint64_t* lastId);
+typedef CUptiResult (*cuptiFinalize_fn)(void);
 
 }  // extern "C"

@@ -1,7 +1,7 @@
 // CUPTI opened at run time with dlopen, reusing the copy already in the process when there is one (import torch
 // loads libcupti.so.13 on CUDA-13 builds): two copies of CUPTI in one process fight over the same driver state
-// (docs/measurement-facts.md §3). Never cuptiFinalize, never dlclose: torch.profiler or another component may use the
-// same mapping after us.
+// (docs/measurement-facts.md §3). Never dlclose, and cuptiFinalize only at process exit (finalize()): torch.profiler
+// or another component may use the same mapping after us.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +50,7 @@ struct CuptiSymbols {
   cuptiActivityGetNumDroppedRecords_fn dropped_records = nullptr;
   cuptiActivityPushExternalCorrelationId_fn push_external_id = nullptr;  // both or neither: ranges need them
   cuptiActivityPopExternalCorrelationId_fn pop_external_id = nullptr;
+  cuptiFinalize_fn finalize = nullptr;
 };
 
 class CuptiLibrary {
@@ -81,6 +82,12 @@ class CuptiLibrary {
   CUptiResult push_range(uint64_t id) const;
   CUptiResult pop_range() const;
   bool has_ranges() const { return sym_.push_external_id != nullptr && sym_.pop_external_id != nullptr; }
+
+  // cuptiFinalize: detach CUPTI from the process, every subscriber and activity kind with it. For the interpreter's
+  // exit only, after every tracer has stopped: torch.profiler's Kineto leaves a callback subscriber behind when it
+  // does not tear CUPTI down itself, and the CUDA context's release at exit then calls into Kineto after its
+  // singleton was destroyed (a double free, H100 session 8). CUPTI's code; kCuptiSymbolMissing when absent.
+  CUptiResult finalize() const;
 
   // The one choke point for CUPTI return codes: throws CuptiError unless rc is CUPTI_SUCCESS.
   void check(const char* call, CUptiResult rc) const;

@@ -81,12 +81,6 @@ struct TracerConfig {
   // Pairs kept per recording: CUPTI writes one for every API call inside a range (launches, and the calls around
   // them: cudaGetLastError, allocator and event calls), so they outnumber the kernel records several times over.
   std::size_t range_pair_capacity = 1u << 23;
-  // Duty cycle, stepped by service() (one call per quantum, the sampler's chore period): trace one quantum, pause
-  // for this many, over and over. Disabled kinds cost no launch time: tracing 1 quantum in 4 cut CUPTI's cost per
-  // launch to 42-46 % on eager resnet50 (H100, bench/RESULTS.md session 7; the first launches after each resume cost
-  // more). The paused stretches are reported (TracerSnapshot) for attribution to extrapolate over. 0: trace all
-  // the time.
-  uint32_t duty_off_quanta = 0;
 };
 
 // One recording's records, mapped to CLOCK_MONOTONIC. name_index indexes names (kernels) or is -1 (memcpy,
@@ -110,11 +104,6 @@ struct TracerSnapshot {
   uint64_t records_overflow = 0;    // records parsed while `capacity` was full
   uint64_t records_incomplete = 0;  // records with start = end = 0 (CUPTI could not time them)
   std::size_t clock_segments = 0;
-  // Host-side stretches in which the kinds were disabled (pause() to resume(), or to stop()); stop = -1 while
-  // paused. A kernel launched inside one has no record.
-  std::vector<int64_t> paused_start_ns;
-  std::vector<int64_t> paused_stop_ns;
-  uint64_t pauses_refused = 0;  // pauses not made because kMaxPausedStretches were recorded (tracing stayed on)
 };
 
 struct TracerStats {
@@ -153,18 +142,10 @@ class KernelTracer {
   // cuptiActivityFlushAll (forced or not) and a clock point. Returns false when not running. Safe from any thread,
   // concurrently with stop(); never throws (failures go to failures()).
   bool flush(bool forced = false);
-  // Disable the kinds without ending the recording (pause), or force-flush and enable them again (resume): kernels
-  // launched while paused get no record, and the recording keeps the paused stretch. Return whether the state
-  // changed. Never throw: a failed enable leaves the tracer paused, a failed disable leaves it tracing (failures()
-  // says which). No-op when not running.
-  bool pause();
-  bool resume();
-  // The sampler's periodic chore: the duty cycle's next step (TracerConfig::duty_off_quanta), then flush(false).
-  // Skips the tick at once when another thread is in start/stop/flush/pause/resume: it must not wait behind a
-  // window's forced flush.
-  void service();
+  // The sampler's periodic chore: flush(false), skipped at once (returning false) when another thread is in
+  // start/stop/flush: it must not wait behind a window's forced flush.
+  bool try_flush();
   bool running() const;
-  bool paused() const;
 
   // The current (or last) recording so far. Records still inside CUPTI's buffers appear after the next flush.
   TracerSnapshot snapshot() const;
@@ -172,15 +153,9 @@ class KernelTracer {
   std::vector<CuptiFailure> failures() const;
 
   static constexpr std::size_t kMaxFailures = 64;
-  // A day of a 1 s duty cycle; past it tracing stays on (pauses_refused).
-  static constexpr std::size_t kMaxPausedStretches = 1u << 17;
 
  private:
   bool flush_locked(bool forced);  // control_mu_ held
-  bool pause_locked();
-  bool resume_locked();
-  // Every kind of this recording on or off, all or nothing (a failure rolls back and goes to failures()).
-  bool switch_kinds_locked(bool on);
   void record_failure(CuptiFailure f);
   // A (monotonic, CUPTI, monotonic) triple into the clock fit; a cuptiGetTimestamp failure throws CuptiError when
   // throw_on_failure, else goes to failures().
@@ -192,10 +167,6 @@ class KernelTracer {
   std::shared_ptr<TracerCore> core_;
   std::vector<uint32_t> enabled_kinds_;
   bool running_ = false;
-  bool paused_ = false;  // enabled_kinds_ are disabled in CUPTI, until resume()
-  std::vector<std::pair<int64_t, int64_t>> paused_stretches_;  // this recording's (start, stop or -1) mono ns
-  uint64_t pauses_refused_ = 0;
-  uint64_t quantum_ = 0;  // service() calls this recording
   std::atomic<uint64_t> flushes_{0};
   mutable std::mutex failures_mu_;
   std::vector<CuptiFailure> failures_;
