@@ -72,18 +72,21 @@ if has kernels; then
 fi
 has coexist && mark coexist && python3 "$repo/bench/profiler_coexistence.py" 2>&1 | tee "$OUT/coexist.txt"
 if has exitcheck; then
-  # A process that used torch.profiler and a kernel meter must exit cleanly (an abort at exit was seen once):
-  # each check in a fresh process (EXIT_RUNS times), and torch.profiler alone for comparison.
+  # Does a process that used torch.profiler exit cleanly? Each entry of EXIT_PLAN is scenario:TEARDOWN_CUPTI:runs
+  # (bench/exit_check.py; "unset" leaves the variable alone), each run a fresh process.
   mark exitcheck
-  for i in $(seq "${EXIT_RUNS:-1}"); do
-    python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_gpu.py" -k profiler >/dev/null 2>&1
-    echo "pytest test_gpu -k profiler, run $i: exit $?"
-    python3 "$repo/bench/profiler_coexistence.py" >/dev/null 2>&1
-    echo "profiler_coexistence, run $i: exit $?"
-    python3 -c "import torch; from torch.profiler import profile as p; a = torch.ones(512, 512, device='cuda')
-for _ in range(2):
-    with p() as q: [a @ a for _ in range(50)]; torch.cuda.synchronize()" >/dev/null 2>&1
-    echo "torch.profiler alone, run $i: exit $?"
+  plan=${EXIT_PLAN:-meter_profiler:unset:3 meter_profiler_keep:unset:2 meter_profiler:1:2 profiler_only:0:2 profiler_only:unset:1}
+  for entry in $plan; do
+    IFS=: read -r scenario teardown runs <<< "$entry"
+    for i in $(seq "$runs"); do
+      if [ "$teardown" = unset ]; then
+        env -u TEARDOWN_CUPTI python3 "$repo/bench/exit_check.py" "$scenario" >/tmp/exit.txt 2>&1
+      else
+        TEARDOWN_CUPTI=$teardown python3 "$repo/bench/exit_check.py" "$scenario" >/tmp/exit.txt 2>&1
+      fi
+      rc=$?
+      echo "$scenario TEARDOWN_CUPTI=$teardown run $i: exit $rc | $(grep -E 'detach|kernel meter|profiler saw|corruption|free\(\)|Error' /tmp/exit.txt | tr '\n' ' ')"
+    done
   done 2>&1 | tee "$OUT/exitcheck.txt"
 fi
 if has graphs; then

@@ -106,6 +106,7 @@ class KernelTracing:
         self.ranges = RangeRecorder()
         self._ranges_on = False  # this run's tracers record user ranges
         self._ranges_why = _RANGES_NOT_ASKED  # why this run records no ranges
+        self._detached = False  # detach_at_exit ran
 
     def configure(self, **options: Any) -> None:
         """KernelTracer options (``buffer_bytes``, ``buffer_count``, ``capacity``, ``range_pair_capacity``, ...) for
@@ -209,16 +210,19 @@ class KernelTracing:
             self._stop_run()
             self._users = 0
 
-    def detach_at_exit(self) -> None:
+    def detach_at_exit(self) -> int | None:
         """The interpreter's exit: stop tracing, then, if a torch.profiler session left Kineto's CUPTI subscriber
         behind (profiler_guard.kineto_left_attached), detach CUPTI before the CUDA runtime's own exit handler releases
         its context into that subscriber (a double free otherwise; profiler_guard's docstring). Not while a profiler
-        still runs: finalising would pull CUPTI from under it."""
+        still runs: finalising would pull CUPTI from under it. Returns cuptiFinalize's code, None when not called
+        (once per process: a second call would find CUPTI re-initialised by whatever ran since)."""
         self.shutdown()
         with self._lock:
-            cupti = self._cupti
-        if cupti is not None and profiler_guard.kineto_left_attached() and not profiler_guard.profiler_active():
-            cupti.finalize()
+            cupti = None if self._detached else self._cupti
+            if cupti is None or not profiler_guard.kineto_left_attached() or profiler_guard.profiler_active():
+                return None
+            self._detached = True
+        return int(cupti.finalize())
 
     def _start(self) -> None:
         try:
