@@ -326,6 +326,17 @@ def main() -> int:
             if mode in summary:
                 lo, hi = summary[mode]["slowdown_ci95"]
                 print(f"  {mode}: {verdict(goal, lo, hi)}")
+        if {"meter_kernels", "cupti_floor"} <= set(modes):
+            # Ours against the bare CUPTI client, round by round (both ran in every round): what wattscope adds.
+            by_round: dict[int, dict[str, float]] = {}
+            for c in chunks:
+                by_round.setdefault(c["round"], {})[c["mode"]] = c["slowdown"]
+            diff = [r["meter_kernels"] - r["cupti_floor"] for r in by_round.values()
+                    if "meter_kernels" in r and "cupti_floor" in r]
+            med, lo, hi = median_ci(diff, np_rng)
+            summary["meter_kernels"]["minus_floor"] = {"median": med, "ci95": [lo, hi], "rounds": len(diff)}
+            print(f"  meter_kernels - cupti_floor, paired by round ({len(diff)}): {med * 100:+.2f} points "
+                  f"[{lo * 100:+.2f}, {hi * 100:+.2f}]")
         # Per batch and per kernel launch (the records a kernel meter counted per batch): the cost in the units that
         # carry over to other models; and whether a mode slows the none chunk after it (its "after" reference).
         per_launch = seen["records_per_batch"]
