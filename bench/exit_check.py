@@ -38,7 +38,7 @@ def main(scenario: str) -> int:
         print(f"unknown scenario {scenario!r}: {__doc__}", file=sys.stderr)
         return 2
     import wattscope
-    from wattscope import _session, profiler_guard
+    from wattscope import _session, kernel_session, profiler_guard
 
     with wattscope.PowerMeter(0, kernels=True) as m:
         matmuls(torch, a, 50)
@@ -49,7 +49,8 @@ def main(scenario: str) -> int:
     print(f"kernel meter: {n} kernel records; Kineto left attached: {profiler_guard.kineto_left_attached()}")
     if scenario == "meter_profiler_keep":
         profiler_guard.kineto_left_attached = lambda: False  # the exit hook then leaves CUPTI attached
-    rc = _session.current().kernel_tracing().detach_at_exit()  # what the exit hook does, here to print its code
+    _session.current().shutdown()  # what the exit hook does, here to print cuptiFinalize's code
+    rc = kernel_session.detach_at_exit()
     print(f"detach at exit: cuptiFinalize -> {rc}")
     return 0
 

@@ -272,27 +272,28 @@ def test_a_kernel_meter_keeps_torch_profiler_from_tearing_cupti_down(fake, cupti
 
 def test_exit_detaches_cupti_when_a_profiler_session_left_kineto_attached(fake, cupti, monkeypatch) -> None:
     # Kineto's subscriber, left by a session that did not tear CUPTI down, crashed the process at exit on the H100
-    # (profiler_guard's docstring): the session's atexit hook detaches CUPTI then, and only then.
+    # (profiler_guard's docstring): the exit hook detaches CUPTI then, and only then, even after a session reset.
     torch = pytest.importorskip("torch")
-    from wattscope import profiler_guard
+    from wattscope import kernel_session, profiler_guard
 
     fake.set_trace(0, [0.0], [100.0])
     monkeypatch.setattr(profiler_guard, "_left_attached", False)
+    monkeypatch.setattr(kernel_session, "_detached", False)
     monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
-    session = _session.current()
     with PowerMeter(0, kernels=True):
         pass
-    session.shutdown(at_exit=True)
-    assert cupti.fake_cupti_call_count(b"cuptiFinalize") == 0  # no profiler session: no subscriber of Kineto's
+    _session.current().shutdown()
+    assert kernel_session.detach_at_exit() is None  # no profiler session: no subscriber of Kineto's
+    assert cupti.fake_cupti_call_count(b"cuptiFinalize") == 0
 
     with PowerMeter(0, kernels=True), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         pass
     assert profiler_guard.kineto_left_attached()  # TEARDOWN_CUPTI=0 (the meter set it) when the session ended
+    _session.reset()  # as test fixtures do: the CUPTI loaded earlier is still the one to detach
     monkeypatch.setattr(profiler_guard, "profiler_active", lambda: True)
-    session.shutdown(at_exit=True)
-    assert cupti.fake_cupti_call_count(b"cuptiFinalize") == 0  # a profiler still running keeps CUPTI
+    assert kernel_session.detach_at_exit() is None  # a profiler still running keeps CUPTI
     monkeypatch.setattr(profiler_guard, "profiler_active", lambda: False)
-    session.shutdown(at_exit=True)
+    assert kernel_session.detach_at_exit() == 0
+    assert kernel_session.detach_at_exit() is None  # once
     assert cupti.fake_cupti_call_count(b"cuptiFinalize") == 1
     assert cupti.fake_cupti_enabled(KIND_KERNEL) == 0
-    assert session.kernel_tracing()._active is None  # stopped first: its buffers came back before the detach

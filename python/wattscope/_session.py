@@ -6,13 +6,14 @@ one (so results can collect the samples that cover a window's end) and then stop
 
 Fork: a child starts with a fresh, empty session (the parent's thread does not exist there). Exit: an atexit hook
 stops the thread, so a meter left running never outlives the interpreter, and the kernel tracing (detaching CUPTI
-when a torch.profiler session left Kineto attached: kernel_session.KernelTracing.detach_at_exit).
+when a torch.profiler session left Kineto attached: kernel_session.detach_at_exit).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -100,15 +101,12 @@ class Session:
                 self._slots[nvml_index] = slot
             return slot
 
-    def shutdown(self, at_exit: bool = False) -> None:
+    def shutdown(self) -> None:
         with _lock:
             sampler = self._sampler
             tracing = self._kernel_tracing
         if tracing is not None and os.getpid() == self.pid:
-            if at_exit:
-                tracing.detach_at_exit()
-            else:
-                tracing.shutdown()
+            tracing.shutdown()
         if sampler is not None and os.getpid() == self.pid:
             sampler.stop()
 
@@ -140,4 +138,11 @@ def _after_fork_in_child() -> None:
 
 _orphans: list[Session] = []
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(lambda: _current.shutdown(at_exit=True))
+def _at_exit() -> None:
+    _current.shutdown()
+    kernel_session = sys.modules.get(__package__ + ".kernel_session")  # not imported: no CUPTI was loaded
+    if kernel_session is not None:
+        kernel_session.detach_at_exit()
+
+
+atexit.register(_at_exit)

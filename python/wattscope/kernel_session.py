@@ -106,7 +106,6 @@ class KernelTracing:
         self.ranges = RangeRecorder()
         self._ranges_on = False  # this run's tracers record user ranges
         self._ranges_why = _RANGES_NOT_ASKED  # why this run records no ranges
-        self._detached = False  # detach_at_exit ran
 
     def configure(self, **options: Any) -> None:
         """KernelTracer options (``buffer_bytes``, ``buffer_count``, ``capacity``, ``range_pair_capacity``, ...) for
@@ -210,25 +209,13 @@ class KernelTracing:
             self._stop_run()
             self._users = 0
 
-    def detach_at_exit(self) -> int | None:
-        """The interpreter's exit: stop tracing, then, if a torch.profiler session left Kineto's CUPTI subscriber
-        behind (profiler_guard.kineto_left_attached), detach CUPTI before the CUDA runtime's own exit handler releases
-        its context into that subscriber (a double free otherwise; profiler_guard's docstring). Not while a profiler
-        still runs: finalising would pull CUPTI from under it. Returns cuptiFinalize's code, None when not called
-        (once per process: a second call would find CUPTI re-initialised by whatever ran since)."""
-        self.shutdown()
-        with self._lock:
-            cupti = None if self._detached else self._cupti
-            if cupti is None or not profiler_guard.kineto_left_attached() or profiler_guard.profiler_active():
-                return None
-            self._detached = True
-        return int(cupti.finalize())
 
     def _start(self) -> None:
         try:
             if self._cupti is None:
                 # An empty path lets the native loader honour WATTSCOPE_CUPTI_PATH, then search.
                 self._cupti = self._core.Cupti("")
+                _loaded_cupti[:] = [(os.getpid(), self._cupti)]
             if self._ranges_on and not self._cupti.has_ranges:
                 # Kernels without ranges rather than no kernels at all.
                 self._ranges_on = False
@@ -264,6 +251,26 @@ class KernelTracing:
         self._segments, self._untraced = [], []
         self.ranges.reset()
         self._run += 1
+
+
+# The CUPTI this process loaded (pid, handle): process-global, as CUPTI's own state is; a session reset keeps it.
+_loaded_cupti: list[tuple[int, Any]] = []
+_detached = False
+
+
+def detach_at_exit() -> int | None:
+    """For the interpreter's exit, after the session stopped its tracing: if a torch.profiler session left Kineto's
+    CUPTI subscriber behind (profiler_guard.kineto_left_attached), detach CUPTI (cuptiFinalize) before the CUDA
+    runtime's own exit handler releases its context into that subscriber (a double free otherwise; profiler_guard's
+    docstring). Not while a profiler still runs (finalising would pull CUPTI from under it), not in a forked child,
+    and once per process. Returns cuptiFinalize's code, or None when it was not called."""
+    global _detached
+    if _detached or not _loaded_cupti or _loaded_cupti[0][0] != os.getpid():
+        return None
+    if not profiler_guard.kineto_left_attached() or profiler_guard.profiler_active():
+        return None
+    _detached = True
+    return int(_loaded_cupti[0][1].finalize())
 
 
 def timeline_from_snapshot(snap: dict, start_ns: int, stop_ns: int, *, with_ranges: bool = False) -> KernelTimeline:
