@@ -24,9 +24,10 @@ Without the teardown, Kineto's CUPTI callback subscriber outlives the session, a
 runtime releases its context from an atexit handler, after the C++ static destructors freed Kineto's callback
 singleton, and CUPTI's context callback calls Kineto's switchboard, which frees the singleton a second time ("double
 free or corruption", H100: native stack libcudart -> cuDevicePrimaryCtxRelease -> libcupti ->
-libkineto::callback_switchboard -> CuptiCallbackApi's _M_dispose -> free, session 8; the GPU tests aborted at exit
-in 5 of 7 runs that traced across a profiler session). ``kineto_left_attached()`` says when that can happen, and the
-session detaches CUPTI (cuptiFinalize) from Python's atexit, which runs before both (kernel_session.py).
+libkineto::callback_switchboard -> CuptiCallbackApi's _M_dispose -> free; the GPU tests aborted at exit in 7 of 10
+runs). ``kineto_left_attached()`` says when that can happen, and wattscope's exit hook, which Python runs before
+both, then detaches CUPTI (cuptiFinalize, kernel_session.detach_at_exit): 4 of 4 runs exited cleanly after it
+(bench/RESULTS.md, session 8).
 
 If torch lacks these functions (another version), nothing is wrapped and ``profiler_active()`` falls back to
 torch's own ``_is_profiler_enabled`` flag, which is set only after Kineto took CUPTI: a meter opened while a
