@@ -106,7 +106,7 @@ def test_wrong_schema_version_says_which_version_to_use(tmp_path, synthetic):
     _write_copy(synthetic, path)
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(ResultsError, match="schema version 99, but this wattscope reads version 1"):
+    with pytest.raises(ResultsError, match="schema version 99, but this wattscope reads versions 1-2"):
         load_results(path)
 
 

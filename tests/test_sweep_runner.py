@@ -94,6 +94,7 @@ def test_sweep_writes_sane_rows_and_resumes_without_repeating(sweep_fake, tmp_pa
         assert r.coverage == pytest.approx(1.0) and r.peak_power_w == pytest.approx(WORKER_W, rel=1e-3)
         assert r.sm_clock_mhz == pytest.approx(1980) and r.temperature_c == pytest.approx(45)
         assert r.warmup_s > 0 and r.measure_s > 0 and r.warmup_s + r.measure_s <= r.wall_s + 1e-6
+        assert isinstance(r.warmup_converged, bool)  # recorded (schema 2), whichever way warm-up ended
 
     # Nothing left: a rerun measures nothing, not even idle power.
     third = run_sweep(_options(tmp_path, batch_sizes=(1, 2)))

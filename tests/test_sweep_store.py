@@ -84,6 +84,7 @@ def result(i: int, *, run_id: str = "a" * 32, gpu_uuid: str = GPU_A, config: Con
         coverage=1.0,
         measured_utc=f"2026-08-10T12:{i % 60:02d}:00+00:00",
         kernels_json='[{"name": "gemm", "energy_j": 1.5}]' if i % 2 else None,
+        warmup_converged=i % 3 != 2,
     )
     return dataclasses.replace(row, **changes)
 
@@ -136,7 +137,7 @@ def test_round_trip(store):
     assert store.runs() == [run_info()]
     assert store.idle_readings() == [IdleReading("a" * 32, GPU_A, 71.25, 0.5, "2026-08-10T11:59:00+00:00")]
     meta = store.meta()
-    assert meta["schema_version"] == str(SCHEMA_VERSION) == "1"
+    assert meta["schema_version"] == str(SCHEMA_VERSION) == "2"
     assert meta["catalog_source"] == catalog.SOURCE
     # config as columns: SQL can group by precision and batch size
     conn = sqlite3.connect(store.path)
@@ -201,16 +202,42 @@ def test_done_keys_with_failures_and_retry(store):
     assert len(store.failures()) == 3
 
 
-def test_other_schema_version_is_refused(tmp_path):
-    path = tmp_path / "old.db"
+def test_a_newer_schema_version_is_refused(tmp_path):
+    path = tmp_path / "new.db"
     SweepStore(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(SchemaVersionError, match=r"old\.db has sweep schema version 2.*reads version 1") as e:
+    with pytest.raises(SchemaVersionError, match=r"new\.db has sweep schema version 3.*reads versions 1-2") as e:
         SweepStore(path)
     assert isinstance(e.value, WattscopeError)
+
+
+def _as_version_1(path):
+    """Turn a file into what wattscope wrote before warmup_converged existed."""
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE results DROP COLUMN warmup_converged")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def test_a_version_1_file_reads_as_not_recorded_and_upgrades_when_written(tmp_path):
+    path = _as_version_1(_file_with(tmp_path / "v1.db", GPU_A, "a" * 32, [1, 2]))
+    with SweepStore(path, read_only=True) as s:  # read-only: nothing written, the flag reads as not recorded
+        assert [r.warmup_converged for r in s.results()] == [None, None]
+        assert s.to_dataframe()["warmup_converged"].isna().all()
+        assert s.meta()["schema_version"] == "1"
+        s.export_csv(tmp_path / "v1.csv")
+    assert "warmup_converged" in (tmp_path / "v1.csv").read_text().splitlines()[0]
+    with SweepStore(path) as s:  # opened to write: upgraded in place, old rows kept, new rows flagged
+        assert s.meta()["schema_version"] == "2"
+        s.add_result(result(3, warmup_converged=False))
+        assert [r.warmup_converged for r in s.results()] == [None, None, False]
+    with SweepStore(path) as s:  # and opens as a version 2 file from then on
+        assert s.results()[2] == result(3, warmup_converged=False)
 
 
 def test_files_that_are_not_stores_are_refused(tmp_path):
@@ -284,15 +311,21 @@ def test_merge_two_gpus(tmp_path):
         merge(out, [out])
 
 
-def test_merge_rejects_mixed_schema_versions_and_writes_nothing(tmp_path):
-    a = _file_with(tmp_path / "alice.db", GPU_A, "a" * 32, [1])
-    b = _file_with(tmp_path / "bob_v2.db", GPU_B, "b" * 32, [1])
+def test_merge_reads_older_versions_and_rejects_newer_ones_writing_nothing(tmp_path):
+    a = _as_version_1(_file_with(tmp_path / "alice_v1.db", GPU_A, "a" * 32, [1]))
+    b = _file_with(tmp_path / "bob.db", GPU_B, "b" * 32, [1, 2])
+    both = merge(tmp_path / "both.db", [a, b])
+    assert both.results_added == 3
+    with SweepStore(both.out_path, read_only=True) as s:
+        assert s.meta()["schema_version"] == "2"
+        assert sorted((r.gpu_uuid, r.warmup_converged) for r in s.results()) == [(GPU_A, None), (GPU_B, False),
+                                                                                 (GPU_B, True)]
     conn = sqlite3.connect(b)
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
     out = tmp_path / "all.db"
-    with pytest.raises(SchemaVersionError, match=r"alice\.db: version 1; .*bob_v2\.db: version 2"):
+    with pytest.raises(SchemaVersionError, match=r"alice_v1\.db: version 1; .*bob\.db: version 3"):
         merge(out, [a, b])
     assert not out.exists()
     with pytest.raises(StoreError, match="no sweep store"):
@@ -451,4 +484,4 @@ def test_processes_creating_one_store_at_once_all_open_it(tmp_path):
     errors = [p.communicate(timeout=60)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, errors
     with SweepStore(path) as s:
-        assert s.meta()["schema_version"] == "1"
+        assert s.meta()["schema_version"] == "2"

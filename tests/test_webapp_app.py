@@ -35,7 +35,7 @@ from wattscope.analysis import (  # noqa: E402
     synthetic_database,
 )
 from wattscope.analysis.synthetic import PLANTED  # noqa: E402
-from wattscope.sweep.store import SweepStore  # noqa: E402
+from wattscope.sweep.store import SCHEMA_VERSION, SweepStore  # noqa: E402
 from wattscope.webapp import page  # noqa: E402
 from wattscope.webapp.payload import TABLE_COLUMNS, RowFilter, build_payload, parse_kernels, table_csv  # noqa: E402
 from wattscope.webapp.server import make_server  # noqa: E402
@@ -87,7 +87,7 @@ def test_payload_rows_match_the_database(payload: dict, synthetic_db: Path) -> N
     assert all(set(TABLE_COLUMNS) <= set(r) for r in rows)
     assert all(r["plotted"] for r in rows)  # every synthetic model is a timm unit with an accuracy
     assert payload["source"]["gpus"] == ["Synthetic H100 (planted answers)"]
-    assert payload["source"]["meta"]["schema_version"] == "1"
+    assert payload["source"]["meta"]["schema_version"] == str(SCHEMA_VERSION)
     # Strict JSON: no NaN anywhere.
     json.loads(page.payload_json(payload))
 

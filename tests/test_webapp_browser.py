@@ -347,23 +347,23 @@ def test_database_that_breaks_under_the_server(browser, database: Path, tmp_path
     try:
         open_page(browser, server.url)
         with sqlite3.connect(db) as conn:
-            conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+            conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
         conn.close()
         # An open page learns it at its next status poll (every 15 s; called here at once): a banner over the view.
         browser.execute_script("window.wattscope.poll()")
         stale = browser.find_element("id", "stale")
         WebDriverWait(browser, 10).until(lambda d: stale.is_displayed())
-        assert "can no longer be read" in stale.text and "schema version 2" in stale.text
+        assert "can no longer be read" in stale.text and "schema version 99" in stale.text
         # The download says why it cannot run, and the page stays.
         browser.execute_script("document.getElementById('stale').hidden = true")
         browser.find_element("id", "download").click()
         WebDriverWait(browser, 10).until(lambda d: stale.is_displayed())
-        assert stale.text.startswith("The table could not be downloaded: ") and "schema version 2" in stale.text
+        assert stale.text.startswith("The table could not be downloaded: ") and "schema version 99" in stale.text
         assert browser.current_url == server.url
         # A page loaded now shows the error panel instead of the app.
         open_page(browser, server.url, state="error")
         panel = browser.find_element("id", "error")
-        assert panel.is_displayed() and "schema version 2" in panel.text
+        assert panel.is_displayed() and "schema version 99" in panel.text
         assert not browser.find_element("id", "app").is_displayed()
         # The one console error is the failed request for the data, which the panel explains.
         errors = console_errors(browser)

@@ -1,6 +1,6 @@
 """Loading a sweep database for analysis: its results joined with the shipped timm catalog, or a clear error.
 
-``load_results`` reads the ``results`` table of any sweep file (schema version ``store.SCHEMA_VERSION``) without
+``load_results`` reads the ``results`` table of any sweep file (schema versions ``store.READABLE_VERSIONS``) without
 writing to it, checks that the columns analysis needs are there, and adds the catalog's accuracy, compute and
 family to each row. Every way a file can be unusable (missing, not SQLite, not a sweep file, another schema version,
 no results yet, missing columns) is a ``ResultsError`` whose message names the file, what is wrong and what to do.
@@ -146,11 +146,11 @@ def _read_results(path: Path) -> pd.DataFrame:
             )
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         version = row[0] if row else None
-        if version != str(_store.SCHEMA_VERSION):
+        if version not in _store.READABLE_VERSIONS:
             raise ResultsError(
-                f"{path} has sweep schema version {version}, but this wattscope reads version "
-                f"{_store.SCHEMA_VERSION}. Analyse it with the wattscope version that wrote it, or measure again "
-                "into a new file."
+                f"{path} has sweep schema version {version}, but this wattscope reads versions "
+                f"{_store.READABLE_VERSIONS[0]}-{_store.SCHEMA_VERSION}. Analyse it with the wattscope version that "
+                "wrote it (or a newer one), or measure again into a new file."
             )
         columns = [r[1] for r in conn.execute("PRAGMA table_info(results)")]
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]

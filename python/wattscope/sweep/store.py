@@ -39,7 +39,12 @@ from typing import Any
 from ..errors import WattscopeError
 from . import catalog
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added after version 1, with the version that added them. A file of an older version is upgraded in place
+# when opened for writing (the new columns NULL in its old rows: not recorded then); read-only, its rows read NULL
+# there. A file of a newer version is refused.
+_ADDED_COLUMNS = {"warmup_converged": 2}
+READABLE_VERSIONS = tuple(str(v) for v in range(1, SCHEMA_VERSION + 1))
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 FAILURE_KINDS = ("oom", "compile", "timeout", "crash", "error")
@@ -137,6 +142,7 @@ class ResultRow:
     coverage: float
     measured_utc: str
     kernels_json: str | None = None  # top kernels by energy, when kernel tracing ran
+    warmup_converged: bool | None = None  # False: throughput still changing when warm-up ended; None: not recorded
 
     def __post_init__(self) -> None:
         _check_unit_key(self.unit_key, self.architecture, self.img_size)
@@ -196,7 +202,8 @@ def _check_unit_key(unit_key: str, architecture: str, img_size: int) -> None:
 
 
 # --- the schema, derived from the row dataclasses so that a column cannot drift from its field -------------------
-# (a change to these fields changes the schema: bump SCHEMA_VERSION with it; tests pin version 1's columns)
+# (a change to these fields changes the schema: bump SCHEMA_VERSION with it, and list a new column in _ADDED_COLUMNS;
+# tests pin the columns)
 
 _SQL_TYPES = {
     "str": "TEXT NOT NULL",
@@ -204,6 +211,7 @@ _SQL_TYPES = {
     "int": "INTEGER NOT NULL",
     "int | None": "INTEGER",
     "bool": "INTEGER NOT NULL",
+    "bool | None": "INTEGER",
     "float": "REAL",  # nullable: SQLite stores NaN as NULL
     "float | None": "REAL",
 }
@@ -267,7 +275,11 @@ def _to_sql(row: Any, columns: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
             v = getattr(config, name)
         else:
             v = getattr(row, name)
-        values.append(int(v) if t == "bool" else float(v) if t == "float" else v)
+        if t.startswith("bool"):
+            v = None if v is None else int(v)
+        elif t == "float":
+            v = float(v)
+        values.append(v)
     return tuple(values)
 
 
@@ -278,6 +290,8 @@ def _from_sql(cls: type, values: Sequence[Any], columns: Sequence[tuple[str, str
     for (name, t), v in zip(columns, values, strict=True):
         if t == "bool":
             v = bool(v)
+        elif t == "bool | None":
+            v = None if v is None else bool(v)
         elif t == "float" and v is None:
             v = math.nan
         if name in config_names:
@@ -302,14 +316,17 @@ class SweepStore:
     """A sweep results file: created if missing, opened (and checked) if present.
 
     Opening fails at once with ``StoreError`` when the path cannot be written (before any GPU time is spent) and
-    with ``SchemaVersionError`` when the file has another schema version. ``read_only`` opens an existing file
-    without writing to it (for reading or merging others' files). Safe to share between threads of one process.
+    with ``SchemaVersionError`` when the file has a newer schema version. An older one is upgraded in place when
+    opened for writing (``_ADDED_COLUMNS``). ``read_only`` opens an existing file without writing to it (for reading
+    or merging others' files; an older file's missing columns read as NULL). Safe to share between threads of one
+    process.
     """
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
         self._lock = threading.Lock()
+        self._missing: set[str] = set()  # columns of this schema the file lacks (an older file opened read-only)
         try:
             self._conn = self._connect()
         except sqlite3.Error as e:
@@ -381,6 +398,8 @@ class SweepStore:
                     self._conn.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
                 finally:
                     self._conn.execute("ROLLBACK")
+                if self._missing:
+                    self._upgrade()
             else:
                 with self._transaction():
                     # Another process (a sweep on another GPU of this machine) may have created it since we looked.
@@ -407,12 +426,30 @@ class SweepStore:
             raise StoreError(f"{self.path} is an SQLite file but not a wattscope sweep store (no meta table)")
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         version = row[0] if row else None
-        if version != str(SCHEMA_VERSION):
+        if version not in READABLE_VERSIONS:
             raise SchemaVersionError(
-                f"{self.path} has sweep schema version {version}, but this wattscope reads version "
-                f"{SCHEMA_VERSION}. Open it with the wattscope version that wrote it, or write this sweep to a new "
-                "file."
+                f"{self.path} has sweep schema version {version}, but this wattscope reads versions "
+                f"{READABLE_VERSIONS[0]}-{SCHEMA_VERSION}. Open it with the wattscope version that wrote it (or a "
+                "newer one), or write this sweep to a new file."
             )
+        present = {r[1] for r in self._conn.execute("PRAGMA table_info(results)")}
+        self._missing = {c for c in _ADDED_COLUMNS if c not in present}
+
+    def _upgrade(self) -> None:
+        """Add this schema's newer columns to an older file, in one transaction (another process may have done it
+        meanwhile: looked at again under the write lock)."""
+        with self._transaction() as conn:
+            present = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
+            for name, t in _RESULT_COLUMNS:
+                if name in _ADDED_COLUMNS and name not in present:
+                    conn.execute(f"ALTER TABLE results ADD COLUMN {name} {_SQL_TYPES[t]}")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        self._missing = set()
+
+    def _names(self, table: str, prefix: str = "") -> str:
+        """The SELECT list of a table's columns, NULL for those an older file lacks."""
+        missing = self._missing if table == "results" else set()
+        return ", ".join(f"NULL AS {n}" if n in missing else prefix + n for n, _ in _TABLE_COLUMNS[table])
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -488,7 +525,7 @@ class SweepStore:
         columns = _TABLE_COLUMNS[table]
         order = "rowid" if table == "runs" else "id"
         with self._lock:
-            rows = self._conn.execute(f"SELECT {', '.join(n for n, _ in columns)} FROM {table} ORDER BY {order}")
+            rows = self._conn.execute(f"SELECT {self._names(table)} FROM {table} ORDER BY {order}")
             return [_from_sql(cls, r, columns) for r in rows]
 
     def results(self) -> list[ResultRow]:
@@ -517,11 +554,13 @@ class SweepStore:
             raise ModuleNotFoundError("to_dataframe needs pandas: pip install 'wattscope[pandas]'") from e
         columns = _TABLE_COLUMNS[table]
         with self._lock:
-            cur = self._conn.execute(f"SELECT {', '.join(n for n, _ in columns)} FROM {table}")
+            cur = self._conn.execute(f"SELECT {self._names(table)} FROM {table}")
             df = pd.DataFrame.from_records(list(cur), columns=[n for n, _ in columns])
         for name, t in columns:
             if t == "bool":
                 df[name] = df[name].astype(bool)
+            elif t == "bool | None":
+                df[name] = df[name].astype("boolean")  # pandas' nullable boolean: <NA> where not recorded
             elif t.startswith("float"):
                 df[name] = df[name].astype("float64")
         return df
@@ -533,7 +572,7 @@ class SweepStore:
         names = [n for n, _ in _RESULT_COLUMNS] + list(env)
         types = [t for _, t in _RESULT_COLUMNS] + ["str | None"] * len(env)
         sql = (
-            f"SELECT {', '.join('r.' + n for n, _ in _RESULT_COLUMNS)}, {', '.join('u.' + n for n in env)} "
+            f"SELECT {self._names('results', 'r.')}, {', '.join('u.' + n for n in env)} "
             "FROM results r JOIN runs u ON u.run_id = r.run_id ORDER BY r.id"
         )
         with self._lock:
@@ -562,8 +601,8 @@ class SweepStore:
         columns = {}
         for i, (name, t) in enumerate(zip(names, types, strict=True)):
             values = [r[i] for r in rows]
-            if t == "bool":
-                values = [bool(v) for v in values]
+            if t.startswith("bool"):
+                values = [None if v is None else bool(v) for v in values]
             columns[name] = pa.array(values, type=arrow_type[t.removesuffix(" | None")])
         pq.write_table(pa.table(columns), path)
         return path
@@ -591,9 +630,11 @@ def _wattscope_version() -> str:
 def merge(out_path: str | Path, inputs: Sequence[str | Path]) -> MergeReport:
     """Merge sweep files (typically other people's, measured on other GPUs) into ``out_path`` (created if missing).
 
-    Every input must have this wattscope's schema version, else ``SchemaVersionError`` names each file with its
-    version and nothing is written. Rows are copied in one transaction; a result already in the output (same GPU,
-    unit and configuration) is kept once, the first copy winning, as are repeated runs, failures and idle readings.
+    Every input must have a schema version this wattscope reads (older ones read their missing columns as NULL),
+    else ``SchemaVersionError`` names each file with its version and nothing is written; the output has this
+    version (an older output file is upgraded). Rows are copied in one transaction; a result already in the output
+    (same GPU, unit and configuration) is kept once, the first copy winning, as are repeated runs, failures and idle
+    readings.
     """
     out = Path(out_path)
     paths = tuple(Path(p) for p in inputs)
@@ -602,11 +643,11 @@ def merge(out_path: str | Path, inputs: Sequence[str | Path]) -> MergeReport:
     if out.exists() and any(p.exists() and p.resolve() == out.resolve() for p in paths):
         raise ValueError(f"{out} is both the output and an input of the merge")
     versions = {p: _schema_version_of(p) for p in paths}
-    if any(v != str(SCHEMA_VERSION) for v in versions.values()):
+    if any(v not in READABLE_VERSIONS for v in versions.values()):
         listing = "; ".join(f"{p}: version {v}" for p, v in versions.items())
         raise SchemaVersionError(
-            f"cannot merge sweep files of other schema versions ({listing}); this wattscope reads version "
-            f"{SCHEMA_VERSION}. Merge them with the wattscope version that wrote them."
+            f"cannot merge sweep files of schema versions this wattscope does not read ({listing}); it reads "
+            f"versions {READABLE_VERSIONS[0]}-{SCHEMA_VERSION}. Merge them with a wattscope that reads them all."
         )
     added = dict.fromkeys(TABLES, 0)
     offered = dict.fromkeys(TABLES, 0)
@@ -618,7 +659,7 @@ def merge(out_path: str | Path, inputs: Sequence[str | Path]) -> MergeReport:
                 for table in ("runs", "results", "failures", "idle"):  # runs first: the others refer to them
                     names = ", ".join(n for n, _ in _TABLE_COLUMNS[table])
                     marks = ", ".join("?" * len(_TABLE_COLUMNS[table]))
-                    rows = src._conn.execute(f"SELECT {names} FROM {table}").fetchall()
+                    rows = src._conn.execute(f"SELECT {src._names(table)} FROM {table}").fetchall()
                     cur = conn.executemany(f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({marks})", rows)
                     added[table] += cur.rowcount
                     offered[table] += len(rows)
