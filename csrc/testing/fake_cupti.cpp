@@ -283,43 +283,45 @@ FAKE_CUPTI_EXPORT CUptiResult cuptiActivityDisable(uint32_t kind) {
   return CUPTI_SUCCESS;
 }
 
-FAKE_CUPTI_EXPORT CUptiResult cuptiActivityFlushAll(uint32_t flag) {
+namespace {
+
+// Hands the held buffers back to the registered callback, outside the lock, as CUPTI does: all of them when `all`,
+// else those holding records. `then` runs under the lock after the buffers are taken (a finalize's reset).
+template <typename Then>
+CUptiResult hand_back(Fn fn, bool all, Then then) {
   State& s = state();
   std::vector<HeldBuffer> done;
   CUpti_BuffersCallbackCompleteFunc complete = nullptr;
   {
     std::lock_guard<std::mutex> lk(s.mu);
-    if (const int rc = s.enter(kFlushAll); rc != CUPTI_SUCCESS) return rc;
+    if (const int rc = s.enter(fn); rc != CUPTI_SUCCESS) return rc;
     complete = s.complete;
-    const bool forced = (flag & CUPTI_ACTIVITY_FLAG_FLUSH_FORCED) != 0;
     std::vector<HeldBuffer> keep;
-    for (const HeldBuffer& b : s.held) (b.used > 0 || forced ? done : keep).push_back(b);
+    for (const HeldBuffer& b : s.held) (b.used > 0 || all ? done : keep).push_back(b);
     s.held = std::move(keep);
     if (!done.empty()) s.last_completed = done.back();
-  }
-  for (const HeldBuffer& b : done) complete(nullptr, 0, b.data, b.size, b.used);
-  return CUPTI_SUCCESS;
-}
-
-// As CUPTI documents it: every buffer still held goes back to the registered callback, then the activity state is
-// gone (kinds off, callbacks forgotten) until the next call re-initialises it.
-FAKE_CUPTI_EXPORT CUptiResult cuptiFinalize(void) {
-  State& s = state();
-  std::vector<HeldBuffer> done;
-  CUpti_BuffersCallbackCompleteFunc complete = nullptr;
-  {
-    std::lock_guard<std::mutex> lk(s.mu);
-    if (const int rc = s.enter(kFinalize); rc != CUPTI_SUCCESS) return rc;
-    complete = s.complete;
-    done.swap(s.held);
-    for (bool& e : s.enabled) e = false;
-    s.request = nullptr;
-    s.complete = nullptr;
+    then(s);
   }
   if (complete != nullptr) {
     for (const HeldBuffer& b : done) complete(nullptr, 0, b.data, b.size, b.used);
   }
   return CUPTI_SUCCESS;
+}
+
+}  // namespace
+
+FAKE_CUPTI_EXPORT CUptiResult cuptiActivityFlushAll(uint32_t flag) {
+  return hand_back(kFlushAll, (flag & CUPTI_ACTIVITY_FLAG_FLUSH_FORCED) != 0, [](State&) {});
+}
+
+// As CUPTI documents it: every buffer still held goes back to the registered callback, then the activity state is
+// gone (kinds off, callbacks forgotten) until the next call re-initialises it.
+FAKE_CUPTI_EXPORT CUptiResult cuptiFinalize(void) {
+  return hand_back(kFinalize, true, [](State& s) {
+    for (bool& e : s.enabled) e = false;
+    s.request = nullptr;
+    s.complete = nullptr;
+  });
 }
 
 FAKE_CUPTI_EXPORT CUptiResult cuptiActivityGetNextRecord(uint8_t* buffer, size_t valid_bytes,
