@@ -430,6 +430,9 @@ void test_concurrent_flush_stop_snapshot() {
   std::thread flusher([&] {
     while (!done.load()) t.flush();
   });
+  std::thread chore([&] {  // the sampler's chore, which skips a tick when another thread holds the tracer
+    while (!done.load()) t.try_flush();
+  });
   std::thread reader([&] {
     while (!done.load()) {
       const TracerSnapshot s = t.snapshot();
@@ -443,6 +446,7 @@ void test_concurrent_flush_stop_snapshot() {
   done = true;
   producer.join();
   flusher.join();
+  chore.join();
   reader.join();
   CHECK(!t.running());
   CHECK(!t.flush());
@@ -453,8 +457,6 @@ void test_concurrent_flush_stop_snapshot() {
   CHECK_EQ(t.stats().buffers_outstanding, 0u);
   for (std::size_t i = 0; i < snap.start_ns.size(); ++i) CHECK_LE(snap.start_ns[i], snap.end_ns[i]);
 }
-
-
 
 void test_a_buffer_completed_twice_is_counted_not_parsed_again() {
   TracerConfig cfg;
@@ -497,30 +499,6 @@ void test_try_flush_flushes_unless_busy() {
   CHECK_EQ(t.stats().flushes, 2ull);
   t.stop();
   CHECK(!t.try_flush());
-}
-
-void test_concurrent_try_flush_and_stop() {
-  KernelTracer t(open_fake(), TracerConfig{});
-  t.start();
-  std::atomic<bool> done{false};
-  std::thread flusher([&] {
-    while (!done.load()) t.try_flush();
-  });
-  std::thread producer([&] {
-    for (uint32_t i = 0; !done.load(); ++i) {
-      const int64_t now = mono_now_ns();
-      fake.inject(kKernel, 0, 0, "k", now - kUs, now, i);
-    }
-  });
-  sleep_ms(30);
-  t.stop();
-  done = true;
-  flusher.join();
-  producer.join();
-  CHECK(!t.running());
-  CHECK_EQ(fake.enabled(kKernel), 0);
-  CHECK_EQ(fake.buffers_held(), 0u);
-  CHECK_GT(t.snapshot().start_ns.size(), 0u);
 }
 
 // Another client (Kineto) stops without a forced flush and frees the buffer CUPTI still holds: our start must make
@@ -670,7 +648,6 @@ const TestCase kTests[] = {
     {"concurrent_flush_stop_snapshot", test_concurrent_flush_stop_snapshot},
     {"a_buffer_completed_twice_is_counted_not_parsed_again", test_a_buffer_completed_twice_is_counted_not_parsed_again},
     {"try_flush_flushes_unless_busy", test_try_flush_flushes_unless_busy},
-    {"concurrent_try_flush_and_stop", test_concurrent_try_flush_and_stop},
 };
 
 }  // namespace
