@@ -340,8 +340,7 @@ struct Registry {
   std::mutex mu;
   std::shared_ptr<TracerCore> active;
   std::vector<std::shared_ptr<TracerCore>> cores;
-  // Pools of retired cores, for the next ones (TracerCore::release_pool). Bounded by the most cores alive at once,
-  // plus kMaxSpares pools of sizes no longer asked for.
+  // Pools of retired cores, for the next ones (TracerCore::release_pool, take_storage); at most kMaxSpares.
   std::vector<std::vector<uint64_t>> spares;
 };
 

@@ -138,6 +138,8 @@ def _after_fork_in_child() -> None:
 
 _orphans: list[Session] = []
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _at_exit() -> None:
     _current.shutdown()
     kernel_session = sys.modules.get(__package__ + ".kernel_session")  # not imported: no CUPTI was loaded

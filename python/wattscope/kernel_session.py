@@ -209,13 +209,13 @@ class KernelTracing:
             self._stop_run()
             self._users = 0
 
-
     def _start(self) -> None:
         try:
             if self._cupti is None:
                 # An empty path lets the native loader honour WATTSCOPE_CUPTI_PATH, then search.
                 self._cupti = self._core.Cupti("")
-                _loaded_cupti[:] = [(os.getpid(), self._cupti)]
+                global _loaded_cupti
+                _loaded_cupti = (os.getpid(), self._cupti)
             if self._ranges_on and not self._cupti.has_ranges:
                 # Kernels without ranges rather than no kernels at all.
                 self._ranges_on = False
@@ -253,8 +253,8 @@ class KernelTracing:
         self._run += 1
 
 
-# The CUPTI this process loaded (pid, handle): process-global, as CUPTI's own state is; a session reset keeps it.
-_loaded_cupti: list[tuple[int, Any]] = []
+# The CUPTI this process loaded last (pid, handle): CUPTI's state is process-global, and a session reset keeps it.
+_loaded_cupti: tuple[int, Any] | None = None
 _detached = False
 
 
@@ -265,12 +265,12 @@ def detach_at_exit() -> int | None:
     docstring). Not while a profiler still runs (finalising would pull CUPTI from under it), not in a forked child,
     and once per process. Returns cuptiFinalize's code, or None when it was not called."""
     global _detached
-    if _detached or not _loaded_cupti or _loaded_cupti[0][0] != os.getpid():
+    if _detached or _loaded_cupti is None or _loaded_cupti[0] != os.getpid():
         return None
     if not profiler_guard.kineto_left_attached() or profiler_guard.profiler_active():
         return None
     _detached = True
-    return int(_loaded_cupti[0][1].finalize())
+    return int(_loaded_cupti[1].finalize())
 
 
 def timeline_from_snapshot(snap: dict, start_ns: int, stop_ns: int, *, with_ranges: bool = False) -> KernelTimeline:

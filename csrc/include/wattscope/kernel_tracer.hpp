@@ -4,7 +4,8 @@
 // allocated before tracing starts; CUPTI's request callback runs inside CUDA calls on application threads, so it
 // neither allocates nor touches Python: when the pool is empty it hands out nothing and counts the refusal (CUPTI
 // then drops those records and says how many). No cuptiSubscribe handle is ever held (it would make torch.profiler
-// silently record no GPU events), and CUPTI is never finalized.
+// silently record no GPU events), and a tracer never finalizes CUPTI (only the interpreter's exit hook may:
+// CuptiLibrary::finalize).
 //
 // Clock: CUPTI stamps records with CLOCK_REALTIME ns by default, but with TSC ticks after a torch.profiler session
 // (Kineto installs its own timestamp callback). Records keep their raw stamps; CuptiClockFit maps them to
