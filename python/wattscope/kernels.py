@@ -45,12 +45,12 @@ idle power over the time it runs; ``[idle]`` is ``idle_w`` over the time nothing
 window's energy minus the model's, which may be negative (it is how far the fitted model and the integral disagree).
 
 Untraced stretches (``[untraced]``: torch.profiler held CUPTI) hold kernels that ran unseen, whose mix and power
-change from reading to reading; a single power for them left residuals of ~89 W there and biased the traced classes'
-powers, one by +18 to +30 %, in a simulation of session 7 (an ad-hoc script, not kept). So the fit leaves out every
-reading the untraced time reaches (its response to it above 1 %), and ``[untraced]`` is credited what the rest of
-the window's energy leaves over (idle power over its time plus the remainder), with the remainder's
-uncertainty; ``[unattributed]`` is then 0 (tests/test_kernels.py holds the traced classes within 3 % of the truth
-around a 2 s stretch). If too few readings are left, the stretches are fitted as a class.
+change from reading to reading: a single fitted power for them biases the traced classes' powers. So the fit leaves
+out every reading the untraced time reaches (its response to it above 1 %), and ``[untraced]`` is credited what the
+rest of the window's energy leaves over (idle power over its time plus the remainder), with the remainder's
+uncertainty; ``[unattributed]`` is then 0. Around a simulated 2 s stretch this holds the traced classes within 3 %
+of the truth, which fitting those readings too does not (tests/test_kernels.py). If too few readings are left, the
+stretches are fitted as a class.
 
 The increments carry a weak prior: each is drawn towards the increment of "the GPU is busy with anything" (fitted
 first), with a width of 200 W. Its weight (noise variance over prior variance) is negligible for any class the

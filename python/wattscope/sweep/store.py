@@ -40,10 +40,10 @@ from ..errors import WattscopeError
 from . import catalog
 
 SCHEMA_VERSION = 2
-# Columns added after version 1, with the version that added them. A file of an older version is upgraded in place
-# when opened for writing (the new columns NULL in its old rows: not recorded then); read-only, its rows read NULL
-# there. A file of a newer version is refused.
-_ADDED_COLUMNS = {"warmup_converged": 2}
+# Results columns added after version 1 (warmup_converged: version 2). A file of an older version is upgraded in
+# place when opened for writing (the new columns NULL in its old rows: not recorded then); read-only, its rows read
+# NULL there. A file of a newer version is refused.
+_ADDED_COLUMNS = ("warmup_converged",)
 READABLE_VERSIONS = tuple(str(v) for v in range(1, SCHEMA_VERSION + 1))
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -326,7 +326,7 @@ class SweepStore:
         self.path = Path(path)
         self.read_only = read_only
         self._lock = threading.Lock()
-        self._missing: set[str] = set()  # columns of this schema the file lacks (an older file opened read-only)
+        self._missing: set[str] = set()  # results columns of this schema the file lacks (an older file)
         try:
             self._conn = self._connect()
         except sqlite3.Error as e:
