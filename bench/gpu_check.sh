@@ -122,7 +122,8 @@ if has abort_trace; then  # the native stack of an abort at exit (bench/abort_ba
       >/tmp/abort.txt 2>&1
     rc=$?
     { echo "-k '$sel': exit status $rc | $(grep -E 'passed|failed' /tmp/abort.txt | tail -1)"
-      if [ $rc -ne 0 ]; then tail -60 /tmp/abort.txt; fi; } | tee -a "$OUT/abort_trace.txt"
+      if [ $rc -ne 0 ]; then tail -60 /tmp/abort.txt; python3 "$repo/bench/resolve_stack.py" /tmp/abort.txt; fi
+    } | tee -a "$OUT/abort_trace.txt"
   done
 fi
 if has kernel_overhead; then
