@@ -141,9 +141,10 @@ T read_at(const uint8_t* record, std::size_t offset) {
   return v;
 }
 
-}  // namespace
-
+// A pool of `words` for a new core: a retired core's spare of that size when there is one (Registry, below).
 std::vector<uint64_t> take_storage(std::size_t words);
+
+}  // namespace
 
 struct TracerCore {
   TracerCore(std::shared_ptr<CuptiLibrary> lib_in, const TracerConfig& config)
@@ -417,8 +418,6 @@ void retire(const std::shared_ptr<TracerCore>& core) {
   }
 }
 
-}  // namespace
-
 std::vector<uint64_t> take_storage(std::size_t words) {
   Registry& reg = registry();
   std::lock_guard<std::mutex> lk(reg.mu);
@@ -431,6 +430,8 @@ std::vector<uint64_t> take_storage(std::size_t words) {
   }
   return std::vector<uint64_t>(words);
 }
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
 // KernelTracer
